@@ -1,0 +1,127 @@
+"""sensor_msgs / geometry_msgs / nav_msgs <-> numpy, on rosbags' typestore (Stores.ROS2_KILTED).
+
+Images are converted by hand (``np.frombuffer``): zero-copy on read, and no cv_bridge (the PyPI port
+breaks on numpy 2). Supported encodings: rgb8, bgr8, mono8, 32FC1 (depth in metres), 16UC1 (depth in mm).
+Poses are 4x4 homogeneous matrices; quaternions are (x, y, z, w) as in ROS, via scipy.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+ENCODINGS = {"rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3), "mono8": (np.uint8, 1), "32FC1": (np.float32, 1),
+             "16UC1": (np.uint16, 1)}
+
+
+@lru_cache(maxsize=1)
+def typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+def _types():
+    return typestore().types
+
+
+def stamp_to_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def header(stamp_ns: int, frame_id: str):
+    types = _types()
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
+                                        frame_id=frame_id)
+
+
+def image_to_msg(image: np.ndarray, stamp_ns: int, frame_id: str, encoding: str):
+    """numpy (H, W[, C]) -> sensor_msgs/Image. The dtype and channels must match the encoding."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unsupported encoding {encoding!r}; supported: {', '.join(ENCODINGS)}")
+    dtype, channels = ENCODINGS[encoding]
+    image = np.ascontiguousarray(image)
+    if image.dtype != dtype or (image.shape[2] if image.ndim == 3 else 1) != channels:
+        raise ValueError(f"{encoding} needs dtype {np.dtype(dtype).name} with {channels} channel(s), "
+                         f"got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    return _types()["sensor_msgs/msg/Image"](
+        header=header(stamp_ns, frame_id), height=height, width=width, encoding=encoding,
+        is_bigendian=int(np.dtype(dtype).byteorder == ">"), step=width * channels * np.dtype(dtype).itemsize,
+        data=image.reshape(-1).view(np.uint8),
+    )
+
+
+def msg_to_image(msg) -> np.ndarray:
+    """sensor_msgs/Image -> numpy (H, W, C) or (H, W); honours ``step`` padding and endianness."""
+    if msg.encoding not in ENCODINGS:
+        raise ValueError(f"unsupported encoding {msg.encoding!r}; supported: {', '.join(ENCODINGS)}")
+    dtype, channels = ENCODINGS[msg.encoding]
+    dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
+    row_bytes = msg.width * channels * dtype.itemsize
+    rows = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
+    rows = rows.reshape(msg.height, msg.step)[:, :row_bytes]
+    image = np.ascontiguousarray(rows).view(dtype).reshape(msg.height, msg.width, channels)
+    image = image.astype(dtype.newbyteorder("="), copy=False)
+    return image[..., 0] if channels == 1 else image
+
+
+def camera_info_to_msg(K: np.ndarray, width: int, height: int, stamp_ns: int, frame_id: str):
+    """Pinhole CameraInfo without distortion (plumb_bob with zero coefficients), P = [K | 0]."""
+    K = np.asarray(K, dtype=np.float64)
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    types = _types()
+    return types["sensor_msgs/msg/CameraInfo"](
+        header=header(stamp_ns, frame_id), height=height, width=width, distortion_model="plumb_bob",
+        d=np.zeros(5), k=K.reshape(-1), r=np.eye(3).reshape(-1), p=P.reshape(-1), binning_x=0, binning_y=0,
+        roi=types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False),
+    )
+
+
+def msg_to_intrinsics(msg) -> np.ndarray:
+    return np.asarray(msg.k, dtype=np.float64).reshape(3, 3).copy()
+
+
+def pose_to_msg_pose(T: np.ndarray):
+    types = _types()
+    T = np.asarray(T, dtype=np.float64)
+    qx, qy, qz, qw = Rotation.from_matrix(T[:3, :3]).as_quat()
+    return types["geometry_msgs/msg/Pose"](
+        position=types["geometry_msgs/msg/Point"](x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])),
+        orientation=types["geometry_msgs/msg/Quaternion"](x=float(qx), y=float(qy), z=float(qz), w=float(qw)),
+    )
+
+
+def msg_pose_to_matrix(pose) -> np.ndarray:
+    T = np.eye(4)
+    q = pose.orientation
+    T[:3, :3] = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()
+    T[:3, 3] = [pose.position.x, pose.position.y, pose.position.z]
+    return T
+
+
+def pose_stamped_to_msg(T: np.ndarray, stamp_ns: int, frame_id: str):
+    return _types()["geometry_msgs/msg/PoseStamped"](header=header(stamp_ns, frame_id), pose=pose_to_msg_pose(T))
+
+
+def odometry_to_msg(T_odom_child: np.ndarray, stamp_ns: int, frame_id: str, child_frame_id: str,
+                    linear_velocity: np.ndarray, angular_velocity: np.ndarray,
+                    pose_covariance: np.ndarray, twist_covariance: np.ndarray):
+    """nav_msgs/Odometry; velocities are in the child frame, covariances 6x6 (x y z rx ry rz)."""
+    types = _types()
+    vector3 = types["geometry_msgs/msg/Vector3"]
+    return types["nav_msgs/msg/Odometry"](
+        header=header(stamp_ns, frame_id), child_frame_id=child_frame_id,
+        pose=types["geometry_msgs/msg/PoseWithCovariance"](
+            pose=pose_to_msg_pose(T_odom_child), covariance=np.asarray(pose_covariance, np.float64).reshape(-1)),
+        twist=types["geometry_msgs/msg/TwistWithCovariance"](
+            twist=types["geometry_msgs/msg/Twist"](
+                linear=vector3(x=float(linear_velocity[0]), y=float(linear_velocity[1]), z=float(linear_velocity[2])),
+                angular=vector3(x=float(angular_velocity[0]), y=float(angular_velocity[1]),
+                                z=float(angular_velocity[2]))),
+            covariance=np.asarray(twist_covariance, np.float64).reshape(-1)),
+    )

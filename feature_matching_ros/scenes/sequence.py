@@ -1,0 +1,184 @@
+"""Rendered camera sequences with exact ground truth, written as a ROS 2 bag plus loop labels.
+
+``generate_sequence(out_dir, scene, frames, seed, ...)`` writes
+  out_dir/bag/           rosbag2 (mcap or sqlite3), topics in ``feature_matching_ros.bag.sequence``
+  out_dir/loops.json     [[query_index, match_index], ...], 0-based image-topic indices, query > match
+  out_dir/sequence.json  metadata: scene, seed, frames, intrinsics, rate, loop criteria, odometry model ...
+Everything derives from the seed through numpy's counter-based SeedSequence streams, and the renderer
+is single-threaded numpy, so the same seed gives byte-identical messages (on the same numpy build).
+
+What is simulated on top of the exact render: a per-frame exposure gain (smooth random walk, as an
+auto-exposure does), Gaussian read noise of ``NOISE_SIGMA_DN`` before 8-bit rounding, and odometry
+that integrates noisy relative motions with a scale error and a yaw-rate bias about gravity, so its
+drift grows with distance. Depth is the exact, noise-free render depth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from feature_matching_ros.bag.sequence import DEFAULT_TOPICS, STORAGE_FORMATS, SequenceBagWriter, SequenceFrame
+from feature_matching_ros.scenes.builders import SCENE_KINDS, build_scene
+from feature_matching_ros.scenes.loops import LoopCriteria, label_loops, scale_intrinsics
+from feature_matching_ros.scenes.renderer import Renderer, default_intrinsics
+from feature_matching_ros.scenes.trajectory import _smooth_noise, default_lap_plan, make_trajectory
+
+LOG = logging.getLogger(__name__)
+GENERATOR_VERSION = 1
+RATE_HZ = 10.0
+FIRST_STAMP_NS = 1_700_000_000 * 1_000_000_000
+NOISE_SIGMA_DN = 1.0
+LOOP_DEPTH_STEP = 4  # loop labels use depth[::4, ::4]
+
+
+@dataclass(frozen=True)
+class OdometryNoise:
+    """Per-step noise: sigma = abs + rel * |motion|; biases are drawn once per sequence."""
+
+    translation_rel: float = 0.02
+    translation_abs_m: float = 0.002
+    rotation_rel: float = 0.02
+    rotation_abs_rad: float = 0.0015
+    scale_bias_max: float = 0.02  # |scale error| up to 2 %
+    yaw_bias_rad_per_m_max: float = 0.012  # gyro-like yaw drift per metre travelled
+    yaw_bias_rad_per_frame_max: float = 0.0008
+
+
+def simulate_odometry(poses: np.ndarray, rng: np.random.Generator, noise: OdometryNoise = OdometryNoise(),
+                      dt: float = 1.0 / RATE_HZ):
+    """Dead-reckoned T_odom_camera (odom = map at frame 0) plus velocities and accumulated covariances.
+
+    Returns (T_odom (N,4,4), linear velocity (N,3), angular velocity (N,3), pose covariance (N,6,6),
+    twist covariance (N,6,6)); velocities are in the camera frame.
+    """
+    n = len(poses)
+    scale = 1.0 + rng.uniform(-noise.scale_bias_max, noise.scale_bias_max)
+    yaw_per_m = rng.uniform(-1.0, 1.0) * noise.yaw_bias_rad_per_m_max
+    yaw_per_frame = rng.uniform(-1.0, 1.0) * noise.yaw_bias_rad_per_frame_max
+    T_odom = np.zeros_like(poses)
+    T_odom[0] = poses[0]
+    lin = np.zeros((n, 3))
+    ang = np.zeros((n, 3))
+    pose_cov = np.zeros((n, 6, 6))
+    twist_cov = np.zeros((n, 6, 6))
+    accumulated = np.zeros(6)
+    for k in range(1, n):
+        rel = np.linalg.inv(poses[k - 1]) @ poses[k]
+        step = float(np.linalg.norm(rel[:3, 3]))
+        angle = float(np.linalg.norm(Rotation.from_matrix(rel[:3, :3]).as_rotvec()))
+        sigma_t = noise.translation_abs_m + noise.translation_rel * step
+        sigma_r = noise.rotation_abs_rad + noise.rotation_rel * angle
+        R_noise = Rotation.from_rotvec(rng.normal(0.0, sigma_r, 3)).as_matrix()
+        # Yaw bias about gravity, expressed in the previous (estimated) camera frame.
+        up_in_camera = T_odom[k - 1][:3, :3].T @ np.array([0.0, 0.0, 1.0])
+        R_bias = Rotation.from_rotvec(up_in_camera * (yaw_per_m * step + yaw_per_frame)).as_matrix()
+        noisy = np.eye(4)
+        noisy[:3, :3] = R_bias @ rel[:3, :3] @ R_noise
+        noisy[:3, 3] = rel[:3, 3] * scale + rng.normal(0.0, sigma_t, 3)
+        T_odom[k] = T_odom[k - 1] @ noisy
+        lin[k] = noisy[:3, 3] / dt
+        ang[k] = Rotation.from_matrix(noisy[:3, :3]).as_rotvec() / dt
+        step_var = np.r_[np.full(3, sigma_t**2), np.full(3, sigma_r**2)]
+        accumulated += step_var
+        pose_cov[k] = np.diag(accumulated)
+        twist_cov[k] = np.diag(step_var / dt**2)
+    lin[0], ang[0] = lin[1], ang[1]
+    return T_odom, lin, ang, pose_cov, twist_cov
+
+
+def _check_args(scene: str, frames: int, width: int, height: int, storage: str) -> None:
+    if scene not in SCENE_KINDS:
+        raise ValueError(f"unknown scene {scene!r}; choose one of {', '.join(SCENE_KINDS)}")
+    if frames < 10:
+        raise ValueError(f"--frames must be at least 10 (got {frames})")
+    if width < 32 or height < 24:
+        raise ValueError(f"image size {width}x{height} is too small (min 32x24)")
+    if storage not in STORAGE_FORMATS:
+        raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGE_FORMATS)}")
+
+
+def generate_sequence(out_dir: Path | str, scene: str = "office", frames: int = 300, seed: int = 0,
+                      storage: str = "mcap", width: int = 640, height: int = 480, overwrite: bool = False,
+                      progress: bool = True) -> Path:
+    """Render a looping sequence and write bag + loops.json + sequence.json into ``out_dir``.
+
+    Returns the bag directory. Raises FileExistsError if ``out_dir`` is not empty (unless ``overwrite``).
+    """
+    _check_args(scene, frames, width, height, storage)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty (use --overwrite)")
+        import shutil
+
+        for name in ("bag", "loops.json", "sequence.json"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    layout = build_scene(scene, seed)
+    trajectory_rng = np.random.default_rng([int(seed), 1])
+    laps = default_lap_plan(layout, trajectory_rng)
+    poses = make_trajectory(layout, frames, trajectory_rng, laps)
+    T_odom, lin, ang, pose_cov, twist_cov = simulate_odometry(poses, np.random.default_rng([int(seed), 2]))
+    exposure = np.exp(0.12 * _smooth_noise(np.random.default_rng([int(seed), 3]), frames, 60.0))
+    K = default_intrinsics(width, height)
+    renderer = Renderer(layout.scene)
+    coarse_depths = []
+    bag_path = out_dir / "bag"
+    started = time.perf_counter()
+    render_seconds = 0.0
+    with SequenceBagWriter(bag_path, storage) as writer:
+        for k in range(frames):
+            t0 = time.perf_counter()
+            result = renderer.render(K, poses[k], width, height, exposure=float(exposure[k]))
+            render_seconds += time.perf_counter() - t0
+            noise_rng = np.random.default_rng([int(seed), 4, k])
+            noisy = result.rgb * 255.0 + noise_rng.normal(0.0, NOISE_SIGMA_DN, result.rgb.shape).astype(np.float32)
+            image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+            stamp = FIRST_STAMP_NS + round(k * 1e9 / RATE_HZ)
+            frame = SequenceFrame(k, stamp, image, result.depth, K, poses[k], T_odom[k], lin[k], ang[k])
+            writer.write_frame(frame, pose_cov[k], twist_cov[k])
+            coarse_depths.append(result.depth[::LOOP_DEPTH_STEP, ::LOOP_DEPTH_STEP].copy())
+            if progress and (k % 50 == 49 or k == frames - 1):
+                LOG.info("rendered %d/%d frames (%.0f ms/frame render)", k + 1, frames, 1000 * render_seconds / (k + 1))
+
+    criteria = LoopCriteria(distance_m=layout.loop_distance_m, min_index_gap=max(10, round(0.1 * frames)))
+    loops = label_loops(poses, coarse_depths, scale_intrinsics(K, LOOP_DEPTH_STEP), criteria)
+    (out_dir / "loops.json").write_text(json.dumps([list(p) for p in loops]) + "\n")
+    metadata = {
+        "generator": "feature_matching_ros.scenes.sequence", "generator_version": GENERATOR_VERSION,
+        "scene": scene, "seed": int(seed), "frames": frames, "width": width, "height": height,
+        "rate_hz": RATE_HZ, "first_stamp_ns": FIRST_STAMP_NS, "storage": storage, "bag": "bag",
+        "K": K.tolist(), "distortion": "none",
+        "topics": asdict(DEFAULT_TOPICS),
+        "depth": "32FC1 metres along the optical axis (z), exact render depth; NaN = no surface (sky)",
+        "poses": "ground truth T_map_camera of the optical frame (x right, y down, z forward), map z up",
+        "odometry": asdict(OdometryNoise()) | {"odom_frame_equals_map_at_frame": 0},
+        "image_noise_sigma_dn": NOISE_SIGMA_DN, "exposure_gain": [round(float(e), 6) for e in exposure],
+        "laps": [asdict(lap) | {"direction": int(lap.direction)} for lap in laps],
+        "loop_criteria": criteria.to_dict() | {"depth_subsampling": LOOP_DEPTH_STEP, "overlap_stride": 2},
+        "loop_pairs": len(loops),
+    }
+    (out_dir / "sequence.json").write_text(json.dumps(metadata, indent=1, default=float) + "\n")
+    LOG.info("wrote %s: %d frames, %d loop pairs, %.1f s (render %.0f ms/frame)", bag_path, frames, len(loops),
+             time.perf_counter() - started, 1000 * render_seconds / frames)
+    return bag_path
+
+
+def load_loops(sequence_dir: Path | str) -> list[tuple[int, int]]:
+    return [tuple(p) for p in json.loads((Path(sequence_dir) / "loops.json").read_text())]
+
+
+def load_sequence_metadata(sequence_dir: Path | str) -> dict:
+    return json.loads((Path(sequence_dir) / "sequence.json").read_text())
