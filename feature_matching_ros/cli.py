@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "feature_matching_ros.commands.match",
     "feature_matching_ros.commands.make_sequence",
+    "feature_matching_ros.commands.make_pairs",
 )
 
 

@@ -32,8 +32,9 @@ def reproject(depth_a, K_a, T_map_a, K_b, T_map_b):
     return u.reshape(shape).astype(np.float32), v.reshape(shape).astype(np.float32), points_b[2].reshape(shape)
 
 
-def consistency(image_a, depth_a, K_a, T_a, image_b, depth_b, K_b, T_b):
-    """(photometric abs errors, relative depth errors) over A's pixels visible and unoccluded in B."""
+def consistency(image_a, depth_a, K_a, T_a, image_b, depth_b, K_b, T_b, gain_invariant=False):
+    """(photometric abs errors, relative depth errors, fraction used) over A's pixels visible and unoccluded
+    in B. ``gain_invariant``: first scale B's samples by one global gain (images with different exposure)."""
     u, v, z_in_b = reproject(depth_a, K_a, T_a, K_b, T_b)
     depth_b_filled = np.nan_to_num(depth_b, nan=-1.0).astype(np.float32)
     sampled_depth = cv2.remap(depth_b_filled, u, v, cv2.INTER_LINEAR, borderValue=-1.0)
@@ -46,7 +47,10 @@ def consistency(image_a, depth_a, K_a, T_a, image_b, depth_b, K_b, T_b):
     valid = (inside & np.isfinite(depth_a) & (z_in_b > 0) & (n_min > 0)
              & (np.abs(sampled_depth - z_in_b) < 0.02 * z_in_b) & ((n_max - n_min) < 0.05 * z_in_b))
     sampled = cv2.remap(image_b.astype(np.float32), u, v, cv2.INTER_LINEAR)
-    photometric = np.abs(sampled[valid] - image_a.astype(np.float32)[valid])
+    sampled, original = sampled[valid], image_a.astype(np.float32)[valid]
+    if gain_invariant:
+        sampled = sampled * (np.median(original) / max(float(np.median(sampled)), 1e-6))
+    photometric = np.abs(sampled - original)
     depth_error = np.abs(sampled_depth[valid] - z_in_b[valid]) / z_in_b[valid]
     return photometric, depth_error, valid.mean()
 
@@ -206,3 +210,78 @@ def test_odometry_drifts_from_ground_truth(office_sequence):
     assert np.allclose(frames[0].T_odom_camera, frames[0].T_map_camera)
     errors = [np.linalg.norm(f.T_odom_camera[:3, 3] - f.T_map_camera[:3, 3]) for f in frames]
     assert errors[-1] > 0.2 and np.mean(errors[-10:]) > np.mean(errors[:10])
+
+
+@pytest.fixture(scope="module")
+def pair_folders(tmp_path_factory):
+    from feature_matching_ros.scenes.pairs import generate_pairs
+
+    root = tmp_path_factory.mktemp("pairs")
+    generate_pairs(root / "train", 8, seed=1, split="train", width=W, height=H)
+    generate_pairs(root / "eval", 8, seed=1, split="eval", width=W, height=H)
+    return root
+
+
+def _ncc(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_homography_pairs_map_points(pair_folders):
+    from feature_matching_ros.scenes.pairs import iter_pairs
+
+    checked = 0
+    for pair in iter_pairs(pair_folders / "train"):
+        if pair["kind"] != "homography":
+            continue
+        homography = pair["H_1_0"]
+        gray0 = cv2.cvtColor(pair["image0"], cv2.COLOR_RGB2GRAY).astype(np.float32)
+        gray1 = cv2.cvtColor(pair["image1"], cv2.COLOR_RGB2GRAY).astype(np.float32)
+
+        def warped_ncc(H_1_0):
+            # image0 seen through H: compare with image1 where image0 covers it (away from the border).
+            warped = cv2.warpPerspective(gray0, H_1_0, (W, H), flags=cv2.INTER_LINEAR)
+            cover = cv2.warpPerspective(np.ones_like(gray0), H_1_0, (W, H), flags=cv2.INTER_NEAREST)
+            cover = cv2.erode(cover, np.ones((5, 5), np.uint8)) > 0
+            return _ncc(warped[cover], gray1[cover])
+
+        good = warped_ncc(homography)
+        shifted = np.array([[1, 0, 3.0], [0, 1, 2.0], [0, 0, 1]]) @ homography
+        assert good > 0.8, good
+        assert good > warped_ncc(shifted) + 0.1
+        checked += 1
+    assert checked == 4
+
+
+def test_rendered_pairs_reproject(pair_folders):
+    from feature_matching_ros.scenes.pairs import iter_pairs
+
+    kinds = set()
+    for pair in iter_pairs(pair_folders / "train"):
+        if not pair["kind"].startswith("rendered"):
+            continue
+        kinds.add(pair["kind"])
+        assert pair["covisibility"] >= 0.1
+        T_map_0 = np.eye(4)
+        T_map_1 = np.linalg.inv(pair["T_1_0"])
+        photometric, depth_error, fraction = consistency(
+            pair["image0"] / 255.0, pair["depth0"], pair["K0"], T_map_0,
+            pair["image1"] / 255.0, pair["depth1"], pair["K1"], T_map_1, gain_invariant=True)
+        assert fraction > 0.02
+        assert np.median(depth_error) < 1e-3
+        # Each image has its own exposure (compensated by one gain), noise and 8-bit rounding.
+        assert np.median(photometric) < 0.03, np.median(photometric)
+    assert kinds == {"rendered_narrow", "rendered_wide"}
+
+
+def test_pair_splits_do_not_overlap(pair_folders):
+    from feature_matching_ros.scenes.pairs import iter_pairs, load_pair
+
+    metas = {split: [p["meta"] for p in iter_pairs(pair_folders / split)] for split in ("train", "eval")}
+    textures = {s: {m["texture"] for m in metas[s] if "texture" in m} for s in metas}
+    scenes = {s: {m["scene_seed"] for m in metas[s] if "scene_seed" in m} for s in metas}
+    assert textures["train"] and textures["eval"] and not textures["train"] & textures["eval"]
+    assert scenes["train"] and scenes["eval"] and not scenes["train"] & scenes["eval"]
+    manifest = json.loads((pair_folders / "eval" / "pairs.json").read_text())
+    first = load_pair(pair_folders / "eval" / manifest["pairs"][0]["file"])
+    assert first["image0"].dtype == np.uint8 and first["image0"].shape == (H, W, 3)

@@ -135,7 +135,6 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
         if not any(c.topic == topics.image for c in connections):
             raise ValueError(f"{path} has no {topics.image} topic; topics: {sorted(reader.topics)}")
         pending: dict[int, dict[str, object]] = {}
-        image_stamps: list[int] = []
         index = 0
 
         def assemble(stamp: int, parts: dict[str, object]) -> SequenceFrame:
@@ -166,7 +165,6 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
                     index += 1
             pending.setdefault(stamp, {})[connection.topic] = msg
             if connection.topic == topics.image:
-                image_stamps.append(stamp)
         for old in sorted(pending):
             if topics.image in pending[old]:
                 yield assemble(old, pending[old])
