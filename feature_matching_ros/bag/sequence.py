@@ -164,7 +164,6 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
                     yield assemble(old, parts)
                     index += 1
             pending.setdefault(stamp, {})[connection.topic] = msg
-            if connection.topic == topics.image:
         for old in sorted(pending):
             if topics.image in pending[old]:
                 yield assemble(old, pending[old])
