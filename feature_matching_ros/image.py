@@ -25,8 +25,8 @@ class ImageError(ValueError):
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Convert a supported numpy image to ``(H, W, 3)`` uint8 RGB.
 
-    uint16 images are scaled by their maximum (depth-like or 12-bit sensor data otherwise looks black);
-    float images are taken as [0, 1] when their maximum is <= 1, else as [0, 255].
+    uint16 images map their full range to 8 bits (value / 257): a fixed mapping, so the brightness of a
+    stream does not jump from frame to frame as a per-image normalisation would; float images are taken as [0, 1] when their maximum is <= 1, else as [0, 255].
     """
     if not isinstance(image, np.ndarray):
         raise ImageError(f"image must be a numpy array, got {type(image).__name__}")
@@ -42,8 +42,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         converted = image
     elif image.dtype == np.uint16:
-        peak = float(image.max())
-        converted = np.clip(image.astype(np.float32) * (255.0 / max(peak, 1.0)), 0, 255).astype(np.uint8)
+        converted = np.round(image.astype(np.float32) / 257.0).astype(np.uint8)
     elif image.dtype in (np.float16, np.float32, np.float64):
         if not np.isfinite(image).all():
             raise ImageError("image contains NaN or infinite values")

@@ -1,0 +1,73 @@
+"""Detectors and descriptors: every combination runs, ORB single-scale honours NMS and spreads out,
+resized extraction maps keypoints back to the original pixels."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from feature_matching_ros.config import DESCRIPTORS, DETECTORS, FeatureConfig
+from feature_matching_ros.features import FeatureExtractor
+from feature_matching_ros.features.classic import non_maximum_suppression
+
+
+@pytest.fixture(scope="module")
+def small_image(graf) -> np.ndarray:
+    return cv2.resize(graf.image0, (320, 256), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("descriptor", DESCRIPTORS)
+def test_every_detector_descriptor_combination(detector, descriptor, small_image):
+    extractor = FeatureExtractor(FeatureConfig(detector=detector, descriptor=descriptor, max_keypoints=128))
+    features = extractor(small_image)
+    assert 20 <= len(features) <= 128
+    assert features.keypoints.shape == (len(features), 2)
+    assert features.descriptors.shape[0] == len(features)
+    xy = features.keypoints_numpy()
+    assert (xy >= -0.5).all() and (xy[:, 0] <= 320 - 0.5).all() and (xy[:, 1] <= 256 - 0.5).all()
+    if features.is_binary:
+        assert features.descriptor_type == "orb" and features.descriptors.shape[1] == 32
+    else:
+        norms = torch.linalg.norm(features.descriptors.float(), dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+    if detector in ("orb", "orb_multiscale", "sift"):
+        assert features.scales is not None and features.orientations is not None
+
+
+def test_orb_single_scale_nms_and_spread(graf):
+    radius = 8
+    extractor = FeatureExtractor(FeatureConfig(detector="orb", descriptor="native", max_keypoints=512,
+                                               nms_radius=radius, resize_max=0))
+    xy = extractor(graf.image0).keypoints_numpy()
+    assert len(xy) == 512
+    distances = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
+    assert distances.min() >= radius
+    # Spread: every cell of a 4 x 4 grid over the textured image receives keypoints.
+    cells = (np.floor(xy[:, 0] / 200).astype(int), np.floor(xy[:, 1] / 160).astype(int))
+    assert len(set(zip(*cells))) == 16
+
+    multiscale = FeatureExtractor(FeatureConfig(detector="orb_multiscale", descriptor="native", max_keypoints=512,
+                                                resize_max=0))(graf.image0).keypoints_numpy()
+    crowded = np.linalg.norm(multiscale[:, None] - multiscale[None], axis=2) + np.eye(len(multiscale)) * 1e9
+    assert (crowded.min(1) < 2).sum() > 10  # the pyramid stacks keypoints on the same spots
+
+
+def test_nms_keeps_strongest():
+    xy = np.array([[10.0, 10.0], [12.0, 10.0], [30.0, 30.0]])
+    scores = np.array([1.0, 2.0, 0.5])
+    assert non_maximum_suppression(xy, scores, radius=4, size=(64, 64)).tolist() == [1, 2]
+
+
+def test_resized_extraction_maps_back_to_original_pixels(graf):
+    """Keypoints found on a downscaled copy land on the same scene points as at full resolution."""
+    full = FeatureExtractor(FeatureConfig(detector="sift", descriptor="native", max_keypoints=300, resize_max=0))
+    half = FeatureExtractor(FeatureConfig(detector="sift", descriptor="native", max_keypoints=300, resize_max=400))
+    xy_full = full(graf.image0).keypoints_numpy()
+    features_half = half(graf.image0)
+    assert features_half.image_size == (800, 640)
+    xy_half = features_half.keypoints_numpy()
+    nearest = np.linalg.norm(xy_half[:, None] - xy_full[None], axis=2).min(1)
+    assert np.median(nearest) < 1.5  # sub-pixel at the coarse scale, not offset by half a pixel or the scale

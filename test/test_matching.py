@@ -1,0 +1,99 @@
+"""Matching accuracy on real images with ground truth: ORB + ALIKED + LightGlue vs ORB + Hamming NN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import (homography_errors, rotation_error_deg, synthetic_homography_pair, translation_angle_deg)
+from feature_matching_ros.config import FeatureConfig, MatcherConfig, PipelineConfig
+from feature_matching_ros.pipeline import MatchingPipeline
+
+MAX_KEYPOINTS = 1024
+
+
+def make_pipeline(detector: str, descriptor: str, matcher: str) -> MatchingPipeline:
+    return MatchingPipeline(PipelineConfig(
+        features=FeatureConfig(detector=detector, descriptor=descriptor, max_keypoints=MAX_KEYPOINTS, resize_max=640),
+        matcher=MatcherConfig(name=matcher), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def orb_aliked_lightglue() -> MatchingPipeline:
+    return make_pipeline("orb", "aliked", "lightglue")
+
+
+@pytest.fixture(scope="module")
+def orb_hamming() -> MatchingPipeline:
+    return make_pipeline("orb", "native", "nn")
+
+
+def homography_precision(pipeline: MatchingPipeline, pair, threshold_px: float) -> tuple[float, int]:
+    features0, features1 = pipeline.extract(pair.image0), pipeline.extract(pair.image1)
+    matches = pipeline.match(features0, [features1])[0].matches
+    errors = homography_errors(pair.H_1_0, features0.keypoints_numpy()[matches[:, 0]],
+                               features1.keypoints_numpy()[matches[:, 1]])
+    correct = int((errors < threshold_px).sum())
+    return correct / max(len(matches), 1), correct
+
+
+def test_graf_lightglue_beats_hamming(graf, orb_aliked_lightglue, orb_hamming):
+    # The dataset homography is accurate to ~1-2 px at 800x640 (estimated from our matches), hence 5 px.
+    precision_lg, correct_lg = homography_precision(orb_aliked_lightglue, graf, 5.0)
+    precision_nn, correct_nn = homography_precision(orb_hamming, graf, 5.0)
+    assert precision_lg >= 0.85 and correct_lg >= 200
+    assert precision_lg > precision_nn + 0.2
+    assert correct_lg > 2 * correct_nn
+
+
+@pytest.mark.parametrize("photo,seed", [("astronaut", 0), ("coffee", 1)])
+def test_synthetic_homography(photo, seed, orb_aliked_lightglue, orb_hamming):
+    pair = synthetic_homography_pair(photo, seed)
+    precision_lg, correct_lg = homography_precision(orb_aliked_lightglue, pair, 3.0)
+    precision_nn, correct_nn = homography_precision(orb_hamming, pair, 3.0)
+    assert precision_lg >= 0.9 and correct_lg >= 100
+    assert correct_lg > correct_nn
+
+
+def test_stereo_pose_monocular(motorcycle, orb_aliked_lightglue, orb_hamming):
+    result = orb_aliked_lightglue.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1)
+    assert result.success, result.reason
+    assert result.pose.method == "essential" and not result.pose.metric
+    rotation_lg = rotation_error_deg(result.pose.R, motorcycle.R_1_0)
+    assert rotation_lg < 0.5
+    assert translation_angle_deg(result.pose.t, motorcycle.t_1_0) < 3.0
+    assert result.pose.num_inliers >= 200
+    # The essential matrix leaves the translation length free: no information along t.
+    assert abs(result.pose.t @ result.pose.information[:3, :3] @ result.pose.t) < 1e-6 * np.abs(
+        result.pose.information).max()
+
+    baseline = orb_hamming.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1)
+    assert result.pose.num_inliers > baseline.pose.num_inliers
+    assert not baseline.success or rotation_error_deg(baseline.pose.R, motorcycle.R_1_0) > rotation_lg
+
+
+def test_stereo_pose_with_depth_is_metric(motorcycle, orb_aliked_lightglue):
+    result = orb_aliked_lightglue.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1,
+                                             depth0=motorcycle.depth0)
+    assert result.success, result.reason
+    assert result.pose.method == "pnp" and result.pose.metric
+    assert rotation_error_deg(result.pose.R, motorcycle.R_1_0) < 0.3
+    assert np.linalg.norm(result.pose.t - motorcycle.t_1_0) < 0.01  # 1 cm on a 19.3 cm baseline
+    covariance = np.linalg.inv(result.pose.information)
+    assert np.all(np.linalg.eigvalsh(covariance) > 0)
+    assert np.sqrt(covariance[0, 0]) < 0.01
+
+
+def test_batch_matches_single_pairs(graf, orb_aliked_lightglue):
+    """One query against several candidates in one padded call equals matching each pair alone."""
+    pipeline = orb_aliked_lightglue
+    query = pipeline.extract(graf.image0)
+    candidate = pipeline.extract(graf.image1)
+    smaller = pipeline.extract(graf.image1[:400, :500])  # fewer keypoints: exercises the padding
+    batched = pipeline.match(query, [candidate, smaller, candidate])
+    for candidate_features, result in zip([candidate, smaller, candidate], batched):
+        single = pipeline.match(query, [candidate_features])[0]
+        shared = {tuple(m) for m in single.matches} & {tuple(m) for m in result.matches}
+        # Early exit is decided for the whole batch, so a pair may run a layer more than alone.
+        assert len(shared) >= 0.9 * max(len(single), len(result))
+    assert {tuple(m) for m in batched[0].matches} == {tuple(m) for m in batched[2].matches}
