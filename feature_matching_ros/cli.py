@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "feature_matching_ros.commands.match",
     "feature_matching_ros.commands.make_sequence",
     "feature_matching_ros.commands.make_pairs",
+    "feature_matching_ros.commands.train_codebook",
 )
 
 

@@ -1,0 +1,227 @@
+"""Save / load a keyframe database (map) as a directory of ``.npy`` arrays + a JSON manifest. No pickle.
+
+Layout (format version ``MAP_FORMAT_VERSION``)::
+
+    MAP/manifest.json          {"format": "feature_matching_ros.map", "format_version", "created", "counts",
+                                "feature_config", "global_descriptor", "retrieval", "files": {name: {sha256, bytes}}}
+    MAP/<array>.npy            concatenated per-keyframe arrays (see ``_ARRAYS``), offsets.npy splits them
+
+Safety: arrays are read with ``np.load(allow_pickle=False)`` and metadata with ``json``, so a map from
+elsewhere cannot execute code; every file's size and sha256 are checked against the manifest before
+anything is parsed, and the shapes are cross-checked after, so a truncated, corrupt, foreign-version or
+incomplete map raises :class:`MapFormatError` and nothing is half-loaded. Writes are atomic per file
+(temp file, fsync, rename) and the whole map is written into a temp directory that replaces the target
+by rename, with the manifest written last: a crash leaves either the old map or the new one.
+The map's feature config must equal the running pipeline's (:func:`check_compatible`): descriptors of
+another network or keypoints of another detector would silently fail to match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_matching_ros.retrieval.database import Keyframe, KeyframeDatabase, RetrievalConfig
+
+MAP_FORMAT = "feature_matching_ros.map"
+MAP_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ARRAYS = ("ids", "stamps_ns", "offsets", "keypoints", "descriptors", "scores", "depth_at_keypoints",
+           "has_depth", "K", "T_map_camera", "has_pose", "image_sizes", "global_descriptors")
+
+
+class MapFormatError(RuntimeError):
+    """The map directory is missing, truncated, corrupt, of another version, or incompatible."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _pack(database: KeyframeDatabase) -> dict[str, np.ndarray]:
+    keyframes = database.keyframes
+    n = len(keyframes)
+    counts = np.array([len(k) for k in keyframes], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    descriptor_width = keyframes[0].descriptors.shape[1] if n else 0
+    descriptor_dtype = keyframes[0].descriptors.dtype if n else np.float16
+    cat = lambda arrays, shape, dtype: (np.concatenate(arrays).astype(dtype) if n  # noqa: E731
+                                        else np.zeros(shape, dtype))
+    return {
+        "ids": np.array([k.id for k in keyframes], np.int64),
+        "stamps_ns": np.array([k.stamp_ns for k in keyframes], np.int64),
+        "offsets": offsets,
+        "keypoints": cat([k.keypoints for k in keyframes], (0, 2), np.float32),
+        "descriptors": cat([k.descriptors for k in keyframes], (0, descriptor_width), descriptor_dtype),
+        "scores": cat([k.scores for k in keyframes], (0,), np.float16),
+        "depth_at_keypoints": cat([k.depth_at_keypoints if k.depth_at_keypoints is not None
+                                   else np.full(len(k), np.nan, np.float32) for k in keyframes], (0,), np.float32),
+        "has_depth": np.array([k.depth_at_keypoints is not None for k in keyframes], bool),
+        "K": np.array([k.K for k in keyframes], np.float64).reshape(n, 3, 3),
+        "T_map_camera": np.array([k.T_map_camera if k.T_map_camera is not None else np.eye(4) for k in keyframes],
+                                 np.float64).reshape(n, 4, 4),
+        "has_pose": np.array([k.T_map_camera is not None for k in keyframes], bool),
+        "image_sizes": np.array([k.image_size for k in keyframes], np.int64).reshape(n, 2),
+        "global_descriptors": np.array([k.global_descriptor for k in keyframes], np.float32).reshape(
+            n, database.global_dim),
+    }
+
+
+def save_map(database: KeyframeDatabase, directory: Path | str, feature_config: dict[str, Any],
+             global_descriptor: dict[str, Any]) -> Path:
+    """Write ``database`` to ``directory`` (replaced atomically if it exists). ``feature_config``: the
+    pipeline's FeatureConfig as a dict; ``global_descriptor``: kind, dim, codebook sha256."""
+    directory = Path(directory)
+    descriptor_types = {k.descriptor_type for k in database.keyframes}
+    if len(descriptor_types) > 1:
+        raise ValueError(f"database mixes descriptor types {sorted(descriptor_types)}")
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    files = {}
+    for name, array in _pack(database).items():
+        data = _npy_bytes(array)
+        _atomic_write_bytes(staging / f"{name}.npy", data)
+        files[f"{name}.npy"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = {
+        "format": MAP_FORMAT, "format_version": MAP_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "counts": {"keyframes": len(database), "keypoints": int(sum(len(k) for k in database.keyframes))},
+        "descriptor_type": next(iter(descriptor_types), None),
+        "feature_config": feature_config, "global_descriptor": global_descriptor | {"kind": database.kind,
+                                                                                   "dim": database.global_dim},
+        "retrieval": vars(database.config).copy(), "files": files,
+    }
+    _atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(staging)
+    if directory.exists():  # swap: old map moved aside, new one renamed in, old one removed
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
+    _fsync_dir(directory.parent)
+    return directory
+
+
+def read_manifest(directory: Path | str) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise MapFormatError(f"{directory} is not a map: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MapFormatError(f"{path} is corrupt (not JSON): {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != MAP_FORMAT:
+        raise MapFormatError(f"{path} is not a {MAP_FORMAT} manifest")
+    if manifest.get("format_version") != MAP_FORMAT_VERSION:
+        raise MapFormatError(f"{directory} has map format_version {manifest.get('format_version')!r}; this "
+                             f"version of feature_matching_ros reads format_version {MAP_FORMAT_VERSION}")
+    missing = [f"{name}.npy" for name in _ARRAYS if f"{name}.npy" not in manifest.get("files", {})]
+    if missing:
+        raise MapFormatError(f"{path} does not list {missing}")
+    return manifest
+
+
+def check_compatible(manifest: dict[str, Any], feature_config: dict[str, Any]) -> None:
+    """Refuse a map whose features were extracted differently from the running pipeline."""
+    stored = manifest.get("feature_config", {})
+    differing = sorted(k for k in set(stored) | set(feature_config) if stored.get(k) != feature_config.get(k))
+    if differing:
+        details = ", ".join(f"{k}: map={stored.get(k)!r} pipeline={feature_config.get(k)!r}" for k in differing)
+        raise MapFormatError(f"map was built with a different feature config ({details}); rebuild the map or "
+                             "run the pipeline with the map's features config")
+
+
+def load_map(directory: Path | str, feature_config: dict[str, Any] | None = None,
+             retrieval_config: RetrievalConfig | None = None) -> tuple[KeyframeDatabase, dict[str, Any]]:
+    """Load and fully verify a map; returns (database, manifest). Checks the feature config when given."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if feature_config is not None:
+        check_compatible(manifest, feature_config)
+    arrays: dict[str, np.ndarray] = {}
+    for name in _ARRAYS:
+        entry = manifest["files"][f"{name}.npy"]
+        path = directory / f"{name}.npy"
+        if not path.is_file():
+            raise MapFormatError(f"map file {path} is missing")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise MapFormatError(f"map file {path} is truncated or extended: {len(data)} bytes, manifest says "
+                                 f"{entry['bytes']}")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise MapFormatError(f"map file {path} is corrupt: sha256 does not match the manifest")
+        try:
+            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as error:  # object arrays need pickle: refused
+            raise MapFormatError(f"map file {path} cannot be read without pickle: {error}") from error
+    return _unpack(arrays, manifest, retrieval_config), manifest
+
+
+def _unpack(arrays: dict[str, np.ndarray], manifest: dict[str, Any],
+            retrieval_config: RetrievalConfig | None) -> KeyframeDatabase:
+    n = int(manifest["counts"]["keyframes"])
+    offsets = arrays["offsets"]
+    total = int(manifest["counts"]["keypoints"])
+    global_info = manifest["global_descriptor"]
+    expected = {"ids": (n,), "stamps_ns": (n,), "offsets": (n + 1,), "keypoints": (total, 2), "scores": (total,),
+                "depth_at_keypoints": (total,), "has_depth": (n,), "K": (n, 3, 3), "T_map_camera": (n, 4, 4),
+                "has_pose": (n,), "image_sizes": (n, 2), "global_descriptors": (n, int(global_info["dim"]))}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise MapFormatError(f"map array {name} has shape {arrays[name].shape}, expected {shape}")
+    if arrays["descriptors"].ndim != 2 or len(arrays["descriptors"]) != total:
+        raise MapFormatError(f"map array descriptors has shape {arrays['descriptors'].shape}, expected ({total}, D)")
+    if n and (offsets[0] != 0 or offsets[-1] != total or np.any(np.diff(offsets) < 0)):
+        raise MapFormatError("map offsets are inconsistent with the keypoint count")
+    if len(np.unique(arrays["ids"])) != n:
+        raise MapFormatError("map has duplicate keyframe ids")
+    retrieval = retrieval_config or RetrievalConfig(**manifest.get("retrieval", {}))
+    database = KeyframeDatabase(global_info["kind"], int(global_info["dim"]), retrieval)
+    descriptor_type = manifest.get("descriptor_type") or ""
+    keyframes = []
+    for i in range(n):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        keyframes.append(Keyframe(
+            id=int(arrays["ids"][i]), stamp_ns=int(arrays["stamps_ns"][i]),
+            keypoints=arrays["keypoints"][lo:hi].copy(), descriptors=arrays["descriptors"][lo:hi].copy(),
+            scores=arrays["scores"][lo:hi].copy(), image_size=tuple(int(v) for v in arrays["image_sizes"][i]),
+            descriptor_type=descriptor_type, K=arrays["K"][i].copy(),
+            global_descriptor=arrays["global_descriptors"][i].copy(),
+            T_map_camera=arrays["T_map_camera"][i].copy() if arrays["has_pose"][i] else None,
+            depth_at_keypoints=arrays["depth_at_keypoints"][lo:hi].copy() if arrays["has_depth"][i] else None))
+    database.add_many(keyframes)
+    return database
