@@ -1,0 +1,410 @@
+"""relocalization_node over real DDS on localhost: keyframes, loop candidates, services, raw images, bad input.
+
+Ground truth: scikit-image's Middlebury ``stereo_motorcycle`` rectified pair (f=994.978, cx=311.193,
+cy=254.877, doffs=31.086, baseline 193.001 mm; GT disparity -> metric depth for the left view). The right
+camera is the left one translated by +baseline along x, so X_right = X_left - (b, 0, 0) and
+T_left_right = translation (+b, 0, 0). Images are downscaled to 320 px wide and matched with 256 keypoints
+so the file runs in well under a minute on 2 CPU cores.
+
+Isolation: a random ROS_DOMAIN_ID per session and ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST. The node runs
+in-process on a MultiThreadedExecutor thread that is joined before rclpy.shutdown().
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2 Python client) is not installed")
+import feature_matching_ros.ros  # noqa: E402,F401  (merges the generated interfaces into the package)
+
+try:
+    from feature_matching_ros.msg import Keyframe, LoopCandidates, LoopClosure, Matches
+    from feature_matching_ros.srv import LoadMap, MatchImages, Relocalize, SaveMap
+except ImportError as error:  # pragma: no cover - depends on the build
+    pytest.skip(f"feature_matching_ros interfaces are not built (scripts/build_interfaces.sh): {error}",
+                allow_module_level=True)
+cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed")
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from scipy.spatial.transform import Rotation  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+
+from feature_matching_ros.ros import conversions as conv  # noqa: E402
+from feature_matching_ros.ros.relocalization_node import ParameterError, RelocalizationNode  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 320
+FOCAL, CX, CY, DOFFS, BASELINE_M = 994.978, 311.193, 254.877, 31.086, 0.193001
+FAST_PARAMETERS = {"device": "cpu", "features.max_keypoints": 256, "features.resize_max": 320,
+                   "keyframe_store_size": 8, "image_queue_size": 1, "relocalization_max_keyframes": 4,
+                   "relocalization_top_k": 2, "diagnostics_period_s": 0.2, "log_throttle_s": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+def _scaled_K(cx: float, scale: float) -> np.ndarray:
+    # pixel-centre convention: x' = (x + 0.5) * s - 0.5
+    return np.array([[FOCAL * scale, 0, (cx + 0.5) * scale - 0.5], [0, FOCAL * scale, (CY + 0.5) * scale - 0.5],
+                     [0, 0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def stereo():
+    left, right, disparity = skimage_data.stereo_motorcycle()
+    scale = WIDTH / left.shape[1]
+    size = (WIDTH, round(left.shape[0] * scale))
+    depth = np.where(np.isfinite(disparity) & (disparity > 0), BASELINE_M * FOCAL / (disparity + DOFFS), 0.0)
+    return {
+        "left": cv2.resize(left, size, interpolation=cv2.INTER_AREA),
+        "right": cv2.resize(right, size, interpolation=cv2.INTER_AREA),
+        "depth_left": cv2.resize(depth.astype(np.float32), size, interpolation=cv2.INTER_NEAREST),
+        "K_left": _scaled_K(CX, scale),
+        "K_right": _scaled_K(CX + DOFFS, scale),
+    }
+
+
+def camera_info(K: np.ndarray, image: np.ndarray) -> CameraInfo:
+    info = CameraInfo(width=image.shape[1], height=image.shape[0], distortion_model="plumb_bob")
+    info.k = K.ravel().astype(float)
+    return info
+
+
+def keyframe_msg(keyframe_id: int, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None,
+                 T_map_camera: np.ndarray | None = None, stamp_s: float = 1.0) -> Keyframe:
+    msg = Keyframe(id=keyframe_id)
+    msg.header.frame_id = "map"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), int((stamp_s % 1) * 1e9)
+    msg.image = conv.numpy_to_image(image, "rgb8")
+    msg.image.header.frame_id = "camera"
+    msg.camera_info = camera_info(K, image)
+    if depth is not None:
+        msg.depth = conv.numpy_to_image(np.round(depth * 1000).astype(np.uint16), "16UC1")  # millimetres
+    if T_map_camera is None:
+        msg.pose.covariance[0] = -1.0  # unknown pose
+    else:
+        msg.pose.pose = conv.matrix_to_pose(T_map_camera)
+        msg.pose.covariance = (np.eye(6) * 1e-4).ravel()
+    return msg
+
+
+def rotation_error_deg(R: np.ndarray) -> float:
+    return math.degrees(np.linalg.norm(Rotation.from_matrix(R).as_rotvec()))
+
+
+# ---------------------------------------------------------------------------------------------- DDS fixtures
+@pytest.fixture(scope="module")
+def ros_context():
+    os.environ["ROS_DOMAIN_ID"] = str(random.randint(1, 100))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.shutdown(context=context)
+
+
+class Harness:
+    """The node under test plus a client node, both spun by one executor thread."""
+
+    def __init__(self, context, parameters: dict) -> None:
+        overrides = [Parameter(name, value=value) for name, value in parameters.items()]
+        self.node = RelocalizationNode(context=context, parameter_overrides=overrides)
+        self.client = rclpy.create_node("test_client", context=context)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.client)
+        self.received: dict[str, list] = {"loop_closures": [], "matches": [], "relocalization_pose": [],
+                                          "diagnostics": [], "debug": []}
+        self._lock = threading.Lock()
+        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        for topic, kind, key in (("loop_closures", LoopClosure, "loop_closures"), ("matches", Matches, "matches"),
+                                 ("relocalization_pose", PoseWithCovarianceStamped, "relocalization_pose"),
+                                 ("/diagnostics", DiagnosticArray, "diagnostics"),
+                                 ("debug/matches_image", Image, "debug")):
+            self.client.create_subscription(kind, topic, lambda msg, key=key: self._store(key, msg), reliable)
+        self.keyframes = self.client.create_publisher(Keyframe, "keyframes", reliable)
+        self.candidates = self.client.create_publisher(LoopCandidates, "loop_candidates", reliable)
+        self.image = self.client.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.camera_info = self.client.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+        self.match_images = self.client.create_client(MatchImages, "match_images")
+        self.relocalize = self.client.create_client(Relocalize, "relocalize")
+        self.save_map = self.client.create_client(SaveMap, "save_map")
+        self.load_map = self.client.create_client(LoadMap, "load_map")
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.wait_for(lambda: self.keyframes.get_subscription_count() > 0
+                      and self.match_images.service_is_ready(), 10.0, "discovery")
+
+    def _store(self, key: str, msg) -> None:
+        with self._lock:
+            self.received[key].append(msg)
+
+    def messages(self, key: str) -> list:
+        with self._lock:
+            return list(self.received[key])
+
+    @staticmethod
+    def wait_for(predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def call(self, client, request, timeout: float = 60.0):
+        future = client.call_async(request)
+        self.wait_for(future.done, timeout, f"{client.srv_name} response")
+        return future.result()
+
+    def wait_stored(self, count: int, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: self.node.counters().get("keyframes_stored", 0) >= count, timeout,
+                      f"{count} keyframes stored")
+
+    def close(self) -> None:
+        self.node.stop()
+        self.executor.shutdown()
+        self.thread.join(timeout=10.0)
+        self.node.destroy_node()
+        self.client.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def harness(ros_context):
+    h = Harness(ros_context, FAST_PARAMETERS)
+    yield h
+    h.close()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_loop_candidates_give_metric_loop_closure_and_matches(harness, stereo):
+    T_map_left = np.eye(4)
+    harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], stereo["depth_left"], T_map_left, 1.0))
+    harness.keyframes.publish(keyframe_msg(2, stereo["right"], stereo["K_right"], None, None, 2.0))
+    harness.wait_stored(2)
+    harness.candidates.publish(LoopCandidates(query_id=2, candidate_ids=[1]))
+    loop = harness.wait_for(lambda: harness.messages("loop_closures"), 30.0, "loop closure")[0]
+    assert (loop.query_id, loop.match_id) == (2, 1)
+    assert loop.accepted, loop.reason
+    assert loop.metric_scale and loop.scale == 1.0
+    assert (loop.query_stamp.sec, loop.match_stamp.sec) == (2, 1)
+    T = conv.transform_to_matrix(loop.t_match_query)  # T_left_right = translation (+b, 0, 0)
+    assert np.linalg.norm(T[:3, 3] - [BASELINE_M, 0, 0]) < 0.02, T[:3, 3]
+    assert rotation_error_deg(T[:3, :3]) < 1.0
+    assert loop.num_inliers >= 30 and loop.num_inliers <= loop.num_matches
+    information = np.asarray(loop.information).reshape(6, 6)
+    assert np.allclose(information, information.T) and np.linalg.eigvalsh(information).min() > 0  # metric: full rank
+    matches = harness.wait_for(lambda: [m for m in harness.messages("matches") if m.id0 == 2], 10.0, "matches")[0]
+    points0, points1 = np.reshape(matches.points0, (-1, 2)), np.reshape(matches.points1, (-1, 2))
+    inliers = np.asarray(matches.inliers, bool)
+    assert len(points0) == len(points1) == len(matches.scores) == len(inliers) == loop.num_matches
+    # rectified pair: inlier matches lie on the same row (up to the 320 px downscale's rounding)
+    assert np.median(np.abs(points0[inliers, 1] - points1[inliers, 1])) < 1.0
+
+
+def test_unknown_candidates_are_rejected_and_counted(harness):
+    before = harness.node.counters().get("rejected.unknown_keyframe", 0)
+    harness.candidates.publish(LoopCandidates(query_id=2, candidate_ids=[999]))
+    harness.wait_for(lambda: harness.node.counters().get("rejected.unknown_keyframe", 0) > before, 10.0,
+                     "unknown keyframe counted")
+
+
+def test_match_images_service_monocular_direction(harness, stereo):
+    request = MatchImages.Request(image0=conv.numpy_to_image(stereo["left"][:, :, ::-1], "bgr8"),
+                                  image1=conv.numpy_to_image(cv2.cvtColor(stereo["right"], cv2.COLOR_RGB2GRAY), "mono8"),
+                                  camera_info0=camera_info(stereo["K_left"], stereo["left"]),
+                                  camera_info1=camera_info(stereo["K_right"], stereo["right"]))
+    response = harness.call(harness.match_images, request)
+    assert response.success, response.reason
+    assert not response.metric_scale
+    T = conv.transform_to_matrix(response.t_1_0)  # T_right_left: unit translation towards -x
+    assert np.degrees(np.arccos(np.clip(T[:3, 3] @ [-1, 0, 0], -1, 1))) < 5.0, T[:3, 3]
+    assert rotation_error_deg(T[:3, :3]) < 2.0  # monocular, 320 px, 256 keypoints
+    assert len(response.matches.points0) == 2 * len(response.matches.scores) > 0
+    information = np.asarray(response.information).reshape(6, 6)
+    assert abs(T[:3, 3] @ information[:3, :3] @ T[:3, 3]) < 1e-6 * np.trace(information)  # scale unobservable
+
+
+def test_match_images_homography_ground_truth(harness):
+    samples = REPO / "resource" / "samples"
+    image0, image1 = cv2.imread(str(samples / "graf1.jpg")), cv2.imread(str(samples / "graf3.jpg"))
+    if image0 is None or image1 is None:
+        pytest.skip("resource/samples/graf1.jpg / graf3.jpg are missing")
+    text = (samples / "H1to3p.xml").read_text()
+    H = np.array(text.split("<data>")[1].split("</data>")[0].split(), dtype=np.float64).reshape(3, 3)
+    scale = WIDTH / image0.shape[1]
+    offset = 0.5 * scale - 0.5  # pixel-centre convention: x' = (x + 0.5) * s - 0.5
+    S = np.array([[scale, 0, offset], [0, scale, offset], [0, 0, 1.0]])
+    small0 = cv2.resize(image0, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    small1 = cv2.resize(image1, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    K = np.array([[400.0, 0, small0.shape[1] / 2], [0, 400.0, small0.shape[0] / 2], [0, 0, 1]])
+    request = MatchImages.Request(image0=conv.numpy_to_image(small0, "bgr8"), image1=conv.numpy_to_image(small1, "bgr8"),
+                                  camera_info0=camera_info(K, small0), camera_info1=camera_info(K, small1))
+    response = harness.call(harness.match_images, request)
+    points0 = np.reshape(response.matches.points0, (-1, 2)).astype(np.float64)
+    points1 = np.reshape(response.matches.points1, (-1, 2)).astype(np.float64)
+    assert len(points0) >= 50
+    projected = cv2.perspectiveTransform(points0[None], S @ H @ np.linalg.inv(S))[0]
+    errors = np.linalg.norm(projected - points1, axis=1)  # ORB keypoints sit on integer pixels at 320 px
+    assert np.median(errors) < 2.0 and np.mean(errors < 4.0) > 0.8, np.percentile(errors, [50, 80, 95])
+    assert not response.success and "planar" in response.reason  # a plane: the monocular pose is ambiguous
+
+
+def test_relocalize_service_composes_map_pose(harness, stereo):
+    T_map_left = np.eye(4)
+    T_map_left[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix()
+    T_map_left[:3, 3] = [1.0, 2.0, 0.5]
+    harness.keyframes.publish(keyframe_msg(10, stereo["left"], stereo["K_left"], stereo["depth_left"], T_map_left, 10.0))
+    harness.wait_for(lambda: 10 in harness.node.store, 30.0, "keyframe 10 stored")
+    request = Relocalize.Request(image=conv.numpy_to_image(stereo["right"], "rgb8"),
+                                 camera_info=camera_info(stereo["K_right"], stereo["right"]))
+    response = harness.call(harness.relocalize, request)
+    assert response.success, response.reason
+    assert response.keyframe_id in (1, 10) and response.num_inliers >= 30
+    T_left_right = np.eye(4)
+    T_left_right[0, 3] = BASELINE_M
+    expected = (T_map_left if response.keyframe_id == 10 else np.eye(4)) @ T_left_right
+    pose = conv.pose_to_matrix(response.pose.pose.pose)
+    assert np.linalg.norm(pose[:3, 3] - expected[:3, 3]) < 0.02
+    assert rotation_error_deg(pose[:3, :3].T @ expected[:3, :3]) < 1.0
+    covariance = np.asarray(response.pose.pose.covariance).reshape(6, 6)
+    assert np.all(np.linalg.eigvalsh(covariance) > 0) and np.all(np.isfinite(covariance))
+
+
+def test_relocalize_without_depth_reports_unknown_scale(harness, stereo):
+    harness.keyframes.publish(keyframe_msg(20, stereo["left"], stereo["K_left"], None, np.eye(4), 20.0))
+    harness.wait_for(lambda: 20 in harness.node.store, 30.0, "keyframe 20 stored")
+    saved = harness.node.store
+    from feature_matching_ros.ros.keyframe_store import KeyframeStore
+    only_monocular = KeyframeStore(4)
+    only_monocular.insert(saved.get(20))
+    harness.node.store = only_monocular
+    try:
+        response = harness.call(harness.relocalize, Relocalize.Request(
+            image=conv.numpy_to_image(stereo["right"], "rgb8"), camera_info=camera_info(stereo["K_right"], stereo["right"])))
+    finally:
+        harness.node.store = saved
+    assert not response.success and "scale unknown" in response.reason
+
+
+def test_image_topic_publishes_relocalization_pose(harness, stereo):
+    info = camera_info(stereo["K_right"], stereo["right"])
+    image = conv.numpy_to_image(stereo["right"], "rgb8")
+    image.header.frame_id = "camera"
+
+    def publish_until_pose():
+        harness.camera_info.publish(info)
+        image.header.stamp = harness.client.get_clock().now().to_msg()
+        harness.image.publish(image)
+        time.sleep(0.3)
+        return harness.messages("relocalization_pose")
+
+    poses = harness.wait_for(publish_until_pose, 60.0, "relocalization_pose from the image topic")
+    assert poses[0].header.frame_id == "map"
+    assert np.isfinite(np.asarray(poses[0].pose.covariance)).all()
+
+
+def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
+    good = keyframe_msg(30, stereo["left"], stereo["K_left"], None, np.eye(4))
+    wrong_encoding = keyframe_msg(31, stereo["left"], stereo["K_left"], None, np.eye(4))
+    wrong_encoding.image.encoding = "yuv422"
+    step_mismatch = keyframe_msg(32, stereo["left"], stereo["K_left"], None, np.eye(4))
+    step_mismatch.image.step += 7
+    empty = keyframe_msg(33, stereo["left"], stereo["K_left"], None, np.eye(4))
+    empty.image = Image(encoding="rgb8")
+    no_info = keyframe_msg(34, stereo["left"], stereo["K_left"], None, np.eye(4))
+    no_info.camera_info = CameraInfo()
+    nan_pose = keyframe_msg(35, stereo["left"], stereo["K_left"], None, np.eye(4))
+    nan_pose.pose.pose.position.x = float("nan")
+    bad_depth = keyframe_msg(36, stereo["left"], stereo["K_left"], None, np.eye(4))
+    bad_depth.depth = conv.numpy_to_image(np.zeros((10, 10), np.uint16), "16UC1")
+    tiny = keyframe_msg(37, np.zeros((8, 8, 3), np.uint8), stereo["K_left"], None, np.eye(4))
+    tiny.camera_info.width = tiny.camera_info.height = 0
+    expected = {"unsupported_encoding": wrong_encoding, "step_mismatch": step_mismatch, "empty_image": empty,
+                "missing_camera_info": no_info, "invalid_pose": nan_pose, "bad_depth": bad_depth, "image_error": tiny}
+    before = harness.node.counters()
+    for msg in expected.values():
+        harness.keyframes.publish(msg)
+    harness.keyframes.publish(good)
+    harness.wait_for(lambda: 30 in harness.node.store, 30.0, "the good keyframe after the bad ones")
+    counters = harness.wait_for(lambda: (c := harness.node.counters()) and all(
+        c.get(f"rejected.{kind}", 0) > before.get(f"rejected.{kind}", 0) for kind in expected) and c, 10.0,
+        "every rejection counted")
+    assert not any(i in harness.node.store for i in range(31, 38))
+    assert counters.get("errors", 0) == 0
+    # raw image with a step mismatch on the image topic: counted as well
+    image = conv.numpy_to_image(stereo["right"], "rgb8")
+    image.step -= 3
+    harness.camera_info.publish(camera_info(stereo["K_right"], stereo["right"]))
+    harness.wait_for(lambda: (harness.image.publish(image), time.sleep(0.1), harness.node.counters().get(
+        "rejected.step_mismatch", 0) > counters.get("rejected.step_mismatch", 0))[-1], 10.0, "image step mismatch")
+    # the service explains bad input in its response
+    response = harness.call(harness.match_images, MatchImages.Request(
+        image0=wrong_encoding.image, image1=good.image, camera_info0=good.camera_info, camera_info1=good.camera_info))
+    assert not response.success and "unsupported_encoding" in response.reason
+    # diagnostics carry the rejection counters by kind
+    def diagnostics_with_rejections():
+        for array in reversed(harness.messages("diagnostics")):
+            values = {kv.key: kv.value for kv in array.status[0].values}
+            if int(values.get("rejected.invalid_pose", 0)) > 0:
+                return values
+        return None
+    values = harness.wait_for(diagnostics_with_rejections, 5.0, "diagnostics with rejections")
+    assert "latency_ms.extract.p50" in values and "rejected.unsupported_encoding" in values
+
+
+def test_save_and_load_map(harness, tmp_path):
+    path = tmp_path / "map.npz"
+    saved_ids = set(harness.node.store.ids())
+    response = harness.call(harness.save_map, SaveMap.Request(path=str(path)))
+    assert response.success and path.exists(), response.message
+    response = harness.call(harness.load_map, LoadMap.Request(path=str(path)))
+    assert response.success, response.message
+    assert set(harness.node.store.ids()) == saved_ids
+    assert all(harness.node.store.get(i).features is not None for i in saved_ids)
+    response = harness.call(harness.load_map, LoadMap.Request(path=str(tmp_path / "missing.npz")))
+    assert not response.success and "missing.npz" in response.message
+
+
+def test_busy_matcher_drops_oldest_images(harness, stereo):
+    info = camera_info(stereo["K_right"], stereo["right"])
+    image = conv.numpy_to_image(stereo["right"], "rgb8")
+    before = harness.node.counters()
+    harness.camera_info.publish(info)
+    time.sleep(0.1)
+    for _ in range(30):  # ~300 Hz: far faster than the CPU matcher
+        harness.camera_info.publish(info)
+        harness.image.publish(image)
+        time.sleep(0.003)
+    harness.wait_for(lambda: harness.node.counters().get("dropped.images", 0) > before.get("dropped.images", 0),
+                     10.0, "dropped images counted")
+    counters = harness.node.counters()
+    received = counters["images_received"] - before.get("images_received", 0)
+    processed_or_pending = counters.get("images_processed", 0) - before.get("images_processed", 0)
+    assert processed_or_pending < received
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"features.detector": "surf"}, ["detector", "orb", "aliked"]),
+    ({"device": "tpu"}, ["device", "cpu", "cuda"]),
+    ({"image_queue_size": 0}, ["image_queue_size", "1"]),
+    ({"pose.min_inliers": 2}, ["min_inliers", "5"]),
+])
+def test_invalid_parameters_stop_the_node_with_a_named_error(ros_context, overrides, names):
+    with pytest.raises(ParameterError) as error:
+        RelocalizationNode(context=ros_context, parameter_overrides=[
+            Parameter(k, value=v) for k, v in {**FAST_PARAMETERS, **overrides}.items()])
+    for name in names:
+        assert name in str(error.value)
