@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics (pose AUC, precision/recall, ATE), pose graph, and runs over rosbags."""

@@ -1,0 +1,189 @@
+"""The loop-closure / relocalization engine on real images with exact ground truth (Middlebury motorcycle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feature_matching_ros.config import PipelineConfig
+from feature_matching_ros.devdata import load_motorcycle
+from feature_matching_ros.eval.metrics import rotation_angle_deg
+from feature_matching_ros.geometry.pose import RelativePose
+from feature_matching_ros.pipeline import MatchingPipeline
+from feature_matching_ros.presets import build_configs, get_preset, preset_names
+from feature_matching_ros.relocalizer import (EngineConfig, LoopClosureEngine, invert_relative_pose,
+                                              pose_from_points3d)
+from feature_matching_ros.retrieval import MapFormatError
+from feature_matching_ros.retrieval.database import RetrievalConfig
+
+SECOND = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def motorcycle():
+    return load_motorcycle()
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    config = PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024,
+                                                    "resize_max": 0},
+                                       "matcher": {"name": "nn", "ratio_test": 0.8}, "device": "cpu"})
+    return MatchingPipeline(config)
+
+
+def _engine(pipeline, **overrides) -> LoopClosureEngine:
+    retrieval = RetrievalConfig(top_k=3, exclude_recent_seconds=5.0, exclude_recent_count=0)
+    return LoopClosureEngine(pipeline, EngineConfig(retrieval=retrieval, min_inliers=30, min_inlier_ratio=0.3,
+                                                    **overrides))
+
+
+def _photo(name: str) -> np.ndarray:
+    import cv2
+    from skimage import data
+
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    return cv2.resize(image[..., :3], (741, 500))
+
+
+def test_relocalize_with_map_depth_recovers_the_baseline(pipeline, motorcycle):
+    engine = _engine(pipeline)
+    T_map_left = np.eye(4)
+    T_map_left[:3, 3] = [1.0, 2.0, 0.5]
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=7, T_map_camera=T_map_left,
+                            depth=motorcycle.depth0)
+    result = engine.relocalize(motorcycle.image1, motorcycle.K1)  # monocular query, map keyframe has depth
+    assert result.success, result.reason
+    assert result.match_id == 7 and result.num_inliers >= 100
+    T_map_right_gt = T_map_left @ np.linalg.inv(motorcycle.T_1_0)
+    assert np.linalg.norm(result.T_map_camera[:3, 3] - T_map_right_gt[:3, 3]) < 0.02  # baseline is 0.193 m
+    assert rotation_angle_deg(result.T_map_camera[:3, :3].T @ T_map_right_gt[:3, :3]) < 0.5
+    assert result.covariance.shape == (6, 6) and np.all(np.linalg.eigvalsh(result.covariance) > 0)
+    assert np.all(np.sqrt(np.diag(result.covariance)[:3]) < 0.05)
+
+
+def test_loop_closure_with_query_depth_and_reasons(pipeline, motorcycle):
+    engine = _engine(pipeline)
+    result = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 0, keyframe_id=0)
+    assert result.reason == "database empty" and not result.candidates
+    # within the 5 s exclusion window: the same place is not offered as a loop
+    result = engine.process_keyframe(_photo("coffee"), motorcycle.K1, 2 * SECOND, keyframe_id=1)
+    assert result.reason == "no eligible candidates outside the exclusion window"
+    result = engine.process_keyframe(motorcycle.image0, motorcycle.K0, 20 * SECOND, keyframe_id=2,
+                                     depth=motorcycle.depth0)
+    by_id = {c.match_id: c for c in result.candidates}
+    loop = by_id[0]
+    assert loop.accepted and loop.reason == "ok" and loop.metric and loop.method == "pnp", loop.reason
+    # T_match_query = T_right_left = T_1_0: a translation of -baseline along x
+    assert np.allclose(loop.T_match_query[:3, 3], motorcycle.T_1_0[:3, 3], atol=0.02)
+    assert loop.information.shape == (6, 6) and np.all(np.linalg.eigvalsh(loop.information) > 0)
+    unrelated = by_id[1]
+    assert not unrelated.accepted and unrelated.reason.startswith(("geometric verification failed", "too few"))
+    assert len(result.accepted) == 1
+
+
+def test_monocular_loop_is_not_metric_and_relocalization_refuses_it(pipeline, motorcycle):
+    engine = _engine(pipeline)
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, T_map_camera=np.eye(4))
+    result = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1)
+    loop = result.candidates[0]
+    assert loop.geometry_ok and loop.method == "essential" and not loop.metric and loop.scale == 1.0
+    # direction of the translation is still right: T_left_right is a unit step along +x
+    assert np.isclose(np.linalg.norm(loop.T_match_query[:3, 3]), 1.0)
+    assert loop.T_match_query[0, 3] > 0.95
+    reloc = engine.relocalize(motorcycle.image1, motorcycle.K1, exclude_ids={1})
+    assert not reloc.success and "scale unknown" in reloc.reason
+
+
+def test_odometry_gate_rejects_a_loop_that_contradicts_the_backend(pipeline, motorcycle):
+    engine = _engine(pipeline)
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, T_map_camera=np.eye(4),
+                            depth=motorcycle.depth0)
+    far = np.eye(4)
+    far[:3, 3] = [5.0, 0.0, 0.0]  # the backend says we are 5 m away after ~5 m of travel: the loop says 0.193 m
+    result = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1, T_map_camera=far)
+    loop = result.candidates[0]
+    assert loop.geometry_ok and not loop.accepted and loop.reason.startswith("inconsistent with odometry"), loop.reason
+    assert loop.drift_translation_m == pytest.approx(5.0 - 0.193, abs=0.02)
+    # the same loop with a consistent backend pose is accepted
+    engine2 = _engine(pipeline)
+    engine2.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, T_map_camera=np.eye(4),
+                             depth=motorcycle.depth0)
+    near = np.eye(4)
+    near[:3, 3] = [0.3, 0.0, 0.0]
+    assert engine2.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1,
+                                    T_map_camera=near).accepted
+
+
+def test_thresholds_and_temporal_consistency(pipeline, motorcycle):
+    strict = _engine(pipeline)
+    strict.config.min_inliers = 100_000
+    strict.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
+    loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1,
+                                   insert=False).candidates[0]
+    assert loop.geometry_ok and not loop.accepted and loop.reason.startswith("too few inliers")
+    strict.config.min_inliers, strict.config.min_inlier_ratio = 30, 1.0
+    loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 40 * SECOND, keyframe_id=2).candidates[0]
+    assert loop.reason.startswith("inlier ratio")
+
+    engine = _engine(pipeline, temporal_consistency=2)
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
+    first = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1, insert=False)
+    assert not first.accepted and first.candidates[0].reason.startswith("awaiting temporal consistency")
+    second = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 21 * SECOND, keyframe_id=2, insert=False)
+    assert second.accepted and second.accepted[0].match_id == 0
+
+
+def test_pnp_from_points_and_inversion_are_consistent(motorcycle):
+    """Per-keypoint-depth PnP on exact synthetic correspondences, and information through inversion."""
+    rng = np.random.default_rng(0)
+    points = np.c_[rng.uniform(-1, 1, (200, 2)), rng.uniform(2, 6, 200)]
+    T = np.eye(4)
+    T[:3, :3] = np.array([[0.995, -0.0998, 0], [0.0998, 0.995, 0], [0, 0, 1]])
+    T[:3, :3] = np.linalg.svd(T[:3, :3])[0] @ np.linalg.svd(T[:3, :3])[2]
+    T[:3, 3] = [0.2, -0.1, 0.05]
+    camera = points @ T[:3, :3].T + T[:3, 3]
+    pixels = camera[:, :2] / camera[:, 2:] * 500 + [320, 240] + rng.normal(0, 0.3, (200, 2))
+    points[:10] = np.nan  # no depth
+    K = np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
+    from feature_matching_ros.config import PoseConfig
+
+    pose = pose_from_points3d(points, pixels, K, PoseConfig())
+    assert pose.success and pose.metric and pose.num_inliers >= 180 and not pose.inliers[:10].any()
+    assert np.allclose(pose.T_1_0, T, atol=5e-3)
+    back = invert_relative_pose(invert_relative_pose(pose))
+    assert np.allclose(back.T_1_0, pose.T_1_0) and np.allclose(back.information, pose.information, rtol=1e-6)
+    assert isinstance(back, RelativePose)
+
+
+def test_map_persistence_through_the_engine(tmp_path, pipeline, motorcycle):
+    engine = _engine(pipeline)
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=3, T_map_camera=np.eye(4),
+                            depth=motorcycle.depth0)
+    engine.save_map(tmp_path / "map")
+    fresh = _engine(pipeline)
+    manifest = fresh.load_map(tmp_path / "map")
+    assert manifest["counts"]["keyframes"] == 1
+    assert fresh.relocalize(motorcycle.image1, motorcycle.K1).success
+    other = MatchingPipeline(PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native",
+                                                                    "max_keypoints": 512, "resize_max": 0},
+                                                       "matcher": {"name": "nn"}, "device": "cpu"}))
+    with pytest.raises(MapFormatError, match="max_keypoints"):
+        _engine(other).load_map(tmp_path / "map")
+
+
+def test_presets_build_and_validate():
+    from feature_matching_ros.config import ConfigError
+
+    assert {"orb_lightglue", "aliked_lightglue", "cpu", "orb_bow_nn"} <= set(preset_names())
+    for name in preset_names():
+        pipeline_config, engine_config = build_configs(name)
+        assert engine_config.min_inliers >= 5 and pipeline_config.features.max_keypoints > 0
+    with pytest.raises(ConfigError, match="preset='nope'"):
+        get_preset("nope")
+    with pytest.raises(ConfigError, match="unknown engine keys"):
+        build_configs("cpu", {"engine": {"min_inlier": 3}})
+    with pytest.raises(ConfigError, match="min_inlier_ratio"):
+        build_configs("cpu", {"engine": {"min_inlier_ratio": 2.0}})
