@@ -15,9 +15,11 @@ import sys
 # Modules that contribute subcommands, in the order they appear in ``fmr --help``.
 COMMAND_MODULES = (
     "feature_matching_ros.commands.match",
+    "feature_matching_ros.commands.export_weights",
     "feature_matching_ros.commands.make_sequence",
     "feature_matching_ros.commands.make_pairs",
     "feature_matching_ros.commands.train_codebook",
+    "feature_matching_ros.commands.evaluate",
 )
 
 

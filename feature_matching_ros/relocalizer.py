@@ -61,8 +61,8 @@ class EngineConfig:
     # query by at most abs + ratio * path length travelled since the match. Repetitive textures (tiled walls,
     # identical posters) pass geometric verification with a pose one period away; real drift is a few %.
     odometry_gate: bool = True
-    max_drift_abs_m: float = 0.5
-    max_drift_ratio: float = 0.15
+    max_drift_abs_m: float = 0.3
+    max_drift_ratio: float = 0.05
     max_drift_abs_deg: float = 10.0
     max_drift_deg_per_m: float = 2.0
 

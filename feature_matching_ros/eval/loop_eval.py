@@ -1,0 +1,244 @@
+"""Run the loop-closure engine offline over a rosbag and measure it (``fmr evaluate``).
+
+No DDS: frames come from the bag reader (``feature_matching_ros.bag.read_sequence``) and go straight into
+:class:`LoopClosureEngine`, keyframe by keyframe, with the backend pose of each keyframe taken from the
+odometry topic (what a SLAM frontend would hand over). What is measured, per preset:
+  * loop closure: precision / recall at the preset's thresholds, the PR curve swept over the inlier count of
+    each query's best geometrically verified candidate, max recall at 100 % precision, every false positive;
+  * relative pose error of accepted true loops and AUC@5/10/20 (MODELS.md protocol);
+  * relocalization: images of revisits relocalized against the map (poses = ground truth) with the query's
+    own time neighbourhood excluded; success rate and pose errors;
+  * latency per stage (percentiles);
+  * ATE RMSE (Umeyama SE3; Sim3 when no loop is metric) of odometry before and after a GTSAM pose graph with
+    the accepted loops.
+Ground truth loops: ``--gt-loops`` JSON ([query_index, match_index] pairs, 0-based image indices), else
+``loops.json`` next to the bag directory (written by ``fmr make-sequence``), else derived from poses and
+depth (distance + view overlap, ``scenes.loops.label_loops``). Missing inputs skip what needs them, and
+metrics.json says what was skipped and why. Frames are held in memory (fine for the generated sequences;
+a long 640x480 bag needs ~1 MB per keyframe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feature_matching_ros.eval.metrics import (absolute_trajectory_error, percentiles, pose_auc,
+                                               precision_recall_curve, relative_pose_error_deg, rotation_angle_deg)
+
+LOG = logging.getLogger("fmr.evaluate")
+
+
+@dataclass
+class EvalFrame:
+    index: int
+    stamp_ns: int
+    image: np.ndarray
+    K: np.ndarray
+    depth: np.ndarray | None
+    T_gt: np.ndarray | None
+    T_odom: np.ndarray | None
+
+
+def load_frames(bag: Path, topics, keyframe_every: int, max_frames: int | None, default_K: np.ndarray | None
+                ) -> list[EvalFrame]:
+    from feature_matching_ros.bag import read_sequence
+
+    frames = []
+    for frame in read_sequence(bag, topics):
+        if max_frames is not None and frame.index >= max_frames:
+            break
+        if frame.index % keyframe_every:
+            continue
+        K = frame.K if frame.K is not None else default_K
+        if K is None:
+            raise ValueError(f"frame {frame.index} has no camera info on {topics.camera_info} and no --K was given")
+        frames.append(EvalFrame(frame.index, frame.stamp_ns, frame.image, K, frame.depth, frame.T_map_camera,
+                                frame.T_odom_camera))
+    if not frames:
+        raise ValueError(f"no frames read from {bag} on {topics.image}")
+    return frames
+
+
+def ground_truth_loops(frames: list[EvalFrame], bag: Path, gt_file: Path | None) -> tuple[set[tuple[int, int]], str]:
+    """GT loop pairs (query_index, match_index) in image-topic indices, and where they came from."""
+    for path, label in ((gt_file, "--gt-loops"), (bag.parent / "loops.json", "loops.json beside the bag")):
+        if path is not None and Path(path).is_file():
+            pairs = json.loads(Path(path).read_text())
+            return {(int(q), int(m)) for q, m in pairs}, f"{label}: {path}"
+    if all(f.T_gt is not None and f.depth is not None for f in frames):
+        from feature_matching_ros.scenes.loops import LoopCriteria, label_loops
+
+        criteria = LoopCriteria(distance_m=1.5)
+        poses = np.stack([f.T_gt for f in frames])
+        local = label_loops(poses, [f.depth for f in frames], frames[0].K, criteria, stride=4)
+        return ({(frames[q].index, frames[m].index) for q, m in local},
+                f"poses + depth: {criteria.to_dict()} (min_index_gap in keyframes)")
+    return set(), "none: no --gt-loops, no loops.json, and no poses+depth in the bag"
+
+
+def _relative_gt(frames_by_index: dict[int, EvalFrame], query: int, match: int) -> np.ndarray | None:
+    q, m = frames_by_index[query], frames_by_index[match]
+    if q.T_gt is None or m.T_gt is None:
+        return None
+    return np.linalg.inv(m.T_gt) @ q.T_gt
+
+
+def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int]], device: str,
+                    reloc_queries: int, override: dict[str, Any] | None = None) -> dict[str, Any]:
+    from feature_matching_ros.relocalizer import build_engine
+
+    engine = build_engine(preset, override, device=device)
+    frames_by_index = {f.index: f for f in frames}
+    results = []
+    start = time.perf_counter()
+    for number, frame in enumerate(frames):
+        results.append(engine.process_keyframe(frame.image, frame.K, frame.stamp_ns, keyframe_id=frame.index,
+                                               T_map_camera=frame.T_odom, depth=frame.depth))
+        if (number + 1) % 25 == 0:
+            LOG.info("[%s] %d/%d keyframes, %.0f ms/keyframe", preset, number + 1, len(frames),
+                     (time.perf_counter() - start) / (number + 1) * 1e3)
+    # Which GT loops could the engine report at all (match already in the map and outside the exclusion window)?
+    retrieval = engine.config.retrieval
+    positions = {f.index: i for i, f in enumerate(frames)}
+    reachable: dict[int, set[int]] = {}
+    for q, m in gt:
+        if q in positions and m in positions:
+            pq, pm = positions[q], positions[m]
+            in_time = abs(frames[pq].stamp_ns - frames[pm].stamp_ns) >= retrieval.exclude_recent_seconds * 1e9
+            if pm < pq - retrieval.exclude_recent_count and in_time:
+                reachable.setdefault(q, set()).add(m)
+    gt_queries = {q for q, _ in gt if q in positions}
+    # PR sweep: per query, the best geometrically verified candidate passing the ratio test, scored by inliers.
+    scores, correct = [], []
+    accepted, false_positives = [], []
+    for result in results:
+        verified = [c for c in result.candidates if c.geometry_ok and c.inlier_ratio >= engine.config.min_inlier_ratio
+                    and not c.reason.startswith("inconsistent with odometry")]
+        best = max(verified, key=lambda c: c.num_inliers, default=None)
+        scores.append(best.num_inliers if best else -np.inf)
+        correct.append(bool(best and (best.query_id, best.match_id) in gt))
+        for loop in result.accepted:
+            accepted.append(loop)
+            if (loop.query_id, loop.match_id) not in gt:
+                q, m = frames_by_index[loop.query_id], frames_by_index[loop.match_id]
+                distance = (float(np.linalg.norm(q.T_gt[:3, 3] - m.T_gt[:3, 3]))
+                            if q.T_gt is not None and m.T_gt is not None else None)
+                false_positives.append({"query_index": loop.query_id, "match_index": loop.match_id,
+                                        "num_inliers": loop.num_inliers, "inlier_ratio": round(loop.inlier_ratio, 3),
+                                        "gt_distance_m": distance, "method": loop.method})
+    true_positive_queries = {l.query_id for l in accepted if (l.query_id, l.match_id) in gt}
+    detected_queries = {l.query_id for l in accepted}
+    curve = precision_recall_curve(np.array(scores), np.array(correct), len(reachable))
+    # Relative pose errors of accepted true loops.
+    errors, rotation_errors, translation_errors_m = [], [], []
+    for loop in accepted:
+        if (loop.query_id, loop.match_id) not in gt:
+            continue
+        T_gt = _relative_gt(frames_by_index, loop.query_id, loop.match_id)
+        if T_gt is None:
+            continue
+        r_err, t_err = relative_pose_error_deg(loop.T_match_query, T_gt)
+        errors.append(max(r_err, t_err))
+        rotation_errors.append(r_err)
+        if loop.metric:
+            translation_errors_m.append(float(np.linalg.norm(loop.T_match_query[:3, 3] - T_gt[:3, 3])))
+    rejection_reasons: dict[str, int] = {}
+    for result in results:
+        for c in result.candidates:
+            if not c.accepted:
+                key = c.reason.split(":")[0]
+                rejection_reasons[key] = rejection_reasons.get(key, 0) + 1
+    latency = {stage: percentiles([r.timing_ms[stage] for r in results if stage in r.timing_ms])
+               for stage in ("extract", "global_descriptor", "retrieve", "match", "verify", "total")}
+    metrics: dict[str, Any] = {
+        "preset": preset,
+        "pipeline": engine.pipeline.config.to_dict(),
+        "engine": engine.config.to_dict(),
+        "keyframes": len(frames),
+        "loop": {
+            "precision": len(true_positive_queries) / len(detected_queries) if detected_queries else None,
+            "precision_note": "over queries with an accepted loop; None when nothing was accepted",
+            "recall": len(true_positive_queries & set(reachable)) / len(reachable) if reachable else None,
+            "recall_note": "over queries with at least one GT loop outside the engine's exclusion window",
+            "accepted": len(accepted), "true_positives": len(accepted) - len(false_positives),
+            "false_positives": len(false_positives), "false_positive_list": false_positives,
+            "queries_with_gt_loop": len(gt_queries), "queries_with_reachable_gt_loop": len(reachable),
+            "max_recall_at_100_precision": curve.max_recall_at_100_precision,
+            "inlier_threshold_at_max_recall_100": curve.threshold_at_max_recall_100,
+            "pr_curve": curve.to_dict(),
+            "rejection_reasons": rejection_reasons,
+            "pose_error": {"count": len(errors), **pose_auc(errors),
+                           "rotation_deg": percentiles(rotation_errors),
+                           "translation_m": percentiles(translation_errors_m)},
+        },
+        "latency_ms": latency,
+    }
+    metrics["relocalization"] = _evaluate_relocalization(engine, frames, reachable, reloc_queries)
+    metrics["trajectory"] = _evaluate_trajectory(frames, accepted)
+    metrics["_results"] = results  # removed before writing; used for plots
+    return metrics
+
+
+def _evaluate_relocalization(engine, frames: list[EvalFrame], reachable: dict[int, set[int]], count: int
+                             ) -> dict[str, Any]:
+    if not count:
+        return {"skipped": "--reloc-queries 0"}
+    if any(f.T_gt is None for f in frames):
+        return {"skipped": "no ground-truth poses in the bag: relocalization accuracy cannot be measured"}
+    engine.update_poses({f.index: f.T_gt for f in frames})  # the map's poses are ground truth here
+    queries = sorted(reachable)
+    if not queries:
+        return {"skipped": "no revisits (GT loops) to relocalize"}
+    picks = [queries[i] for i in np.linspace(0, len(queries) - 1, min(count, len(queries))).astype(int)]
+    frames_by_index = {f.index: f for f in frames}
+    window_ns = engine.config.retrieval.exclude_recent_seconds * 1e9
+    successes, correct, position_errors, rotation_errors, latency = 0, 0, [], [], []
+    failures: dict[str, int] = {}
+    for index in picks:
+        frame = frames_by_index[index]
+        exclude = {f.index for f in frames if abs(f.stamp_ns - frame.stamp_ns) < window_ns}
+        result = engine.relocalize(frame.image, frame.K, frame.depth, frame.stamp_ns, exclude_ids=exclude)
+        latency.append(result.timing_ms.get("total", np.nan))
+        if not result.success:
+            key = result.reason.split("(")[0].strip()
+            failures[key] = failures.get(key, 0) + 1
+            continue
+        successes += 1
+        position_error = float(np.linalg.norm(result.T_map_camera[:3, 3] - frame.T_gt[:3, 3]))
+        rotation_error = rotation_angle_deg(result.T_map_camera[:3, :3].T @ frame.T_gt[:3, :3])
+        position_errors.append(position_error)
+        rotation_errors.append(rotation_error)
+        correct += position_error < 0.25 and rotation_error < 5.0
+    return {"queries": len(picks), "success_rate": successes / len(picks),
+            "correct_rate": correct / len(picks), "correct_definition": "position error < 0.25 m and rotation < 5 deg",
+            "position_error_m": percentiles(position_errors), "rotation_error_deg": percentiles(rotation_errors),
+            "failure_reasons": failures, "latency_ms": percentiles([v for v in latency if np.isfinite(v)]),
+            "protocol": "revisit frames relocalized against the full map (GT keyframe poses), keyframes within "
+                        "the exclusion window of the query (itself included) excluded"}
+
+
+def _evaluate_trajectory(frames: list[EvalFrame], accepted) -> dict[str, Any]:
+    if any(f.T_odom is None for f in frames):
+        return {"skipped": "no odometry in the bag (--odom-topic)"}
+    if any(f.T_gt is None for f in frames):
+        return {"skipped": "no ground-truth poses in the bag (--pose-topic)"}
+    from feature_matching_ros.eval.pose_graph import optimise_pose_graph
+
+    odometry = np.stack([f.T_odom for f in frames])
+    gt = np.stack([f.T_gt for f in frames])
+    metric = any(loop.metric for loop in accepted) or not accepted
+    try:
+        optimised, summary = optimise_pose_graph(odometry, accepted, {f.index: i for i, f in enumerate(frames)})
+    except ImportError as error:
+        return {"skipped": f"gtsam not installed ({error})"}
+    with_scale = not metric
+    return {"ate_before": absolute_trajectory_error(odometry, gt, with_scale),
+            "ate_after": absolute_trajectory_error(optimised, gt, with_scale),
+            "pose_graph": summary, "_poses": {"gt": gt, "odometry": odometry, "optimised": optimised}}
