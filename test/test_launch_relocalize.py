@@ -152,14 +152,18 @@ def test_launch_with_launch_ros(tmp_path):
         try:
             import feature_matching_ros.ros  # noqa: F401  (merges the generated interfaces into the package)
             from feature_matching_ros.srv import SaveMap
+            from rclpy.executors import SingleThreadedExecutor
             client_node = rclpy.create_node("launch_test_client", context=context)
             client = client_node.create_client(SaveMap, "/launch_test/save_map")
             if not client.wait_for_service(timeout_sec=120.0):
                 outcome["error"] = "node started by the launch file did not come up"
                 return
             future = client.call_async(SaveMap.Request(path=str(tmp_path / "map.npz")))
-            rclpy.spin_until_future_complete(client_node, future, timeout_sec=30.0)
+            executor = SingleThreadedExecutor(context=context)
+            executor.add_node(client_node)
+            executor.spin_until_future_complete(future, timeout_sec=30.0)
             outcome["response"] = future.result()
+            executor.shutdown()
             client_node.destroy_node()
         except Exception as error:  # reported by the assertion below
             outcome["error"] = repr(error)
