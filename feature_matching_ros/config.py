@@ -70,6 +70,7 @@ class MatcherConfig:
     width_confidence: float = 0.99  # LightGlue point pruning (single pairs only); -1 disables
     ratio_test: float = 0.9  # nearest-neighbour ratio test; 1.0 disables
     max_hamming: int = 64  # nearest-neighbour: reject binary matches farther than this many bits
+    cuda_graphs: bool = True  # LightGlue on CUDA: replay captured graphs (static shapes, no early exit)
 
     def __post_init__(self) -> None:
         _check_choice("matcher", self.name, MATCHERS)

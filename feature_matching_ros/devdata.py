@@ -130,28 +130,3 @@ def symmetric_epipolar_errors(pair: PosePair, points0: np.ndarray, points1: np.n
     lines1, lines0 = h0 @ F.T, h1 @ F
     numerator = np.abs(np.sum(h1 * lines1, axis=1))
     return 0.5 * numerator * (1 / np.hypot(lines1[:, 0], lines1[:, 1]) + 1 / np.hypot(lines0[:, 0], lines0[:, 1]))
-
-
-def rotation_error_deg(R_est: np.ndarray, R_gt: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(R_est.T @ R_gt) - 1) / 2, -1, 1))))
-
-
-def translation_angle_deg(t_est: np.ndarray, t_gt: np.ndarray) -> float:
-    """Angle between translation directions, sign-agnostic (min(theta, 180 - theta)) as in the protocol."""
-    cosine = abs(float(t_est @ t_gt)) / max(np.linalg.norm(t_est) * np.linalg.norm(t_gt), 1e-12)
-    return float(np.degrees(np.arccos(np.clip(cosine, -1, 1))))
-
-
-def pose_auc(errors_deg: list[float], thresholds: tuple[float, ...] = (5, 10, 20)) -> list[float]:
-    """Area under the recall-vs-error curve up to each threshold (failures = inf), in percent."""
-    errors = np.sort(np.asarray(errors_deg, dtype=np.float64))
-    recall = (np.arange(len(errors)) + 1) / len(errors)
-    errors = np.r_[0.0, errors]
-    recall = np.r_[0.0, recall]
-    aucs = []
-    for threshold in thresholds:
-        last = np.searchsorted(errors, threshold)
-        e = np.r_[errors[:last], threshold]
-        r = np.r_[recall[:last], recall[last - 1]]
-        aucs.append(float(np.trapezoid(r, x=e) / threshold * 100))
-    return aucs

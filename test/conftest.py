@@ -5,11 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+import numpy as np
+
 from feature_matching_ros.devdata import (SAMPLES, HomographyPair, PosePair, homography_errors,  # noqa: F401
-                                          load_graf, load_motorcycle, rotation_error_deg,
-                                          synthetic_homography_pair, translation_angle_deg)
+                                          load_graf, load_motorcycle, synthetic_homography_pair)
+from feature_matching_ros.eval.metrics import relative_pose_error_deg, rotation_angle_deg
 
 torch.set_num_threads(2)
+
+
+def rotation_error_deg(R_est: np.ndarray, R_gt: np.ndarray) -> float:
+    return rotation_angle_deg(R_est.T @ R_gt)
+
+
+def translation_angle_deg(t_est: np.ndarray, t_gt: np.ndarray) -> float:
+    T_est, T_gt = np.eye(4), np.eye(4)
+    T_est[:3, 3], T_gt[:3, 3] = t_est, t_gt
+    return relative_pose_error_deg(T_est, T_gt)[1]
 
 
 @pytest.fixture(scope="session")

@@ -79,8 +79,11 @@ class Detector(Protocol):
 
 
 class DenseDescriptor(Protocol):
-    """Describes arbitrary keypoints by sampling a descriptor network at them."""
+    """Describes arbitrary keypoints by sampling a descriptor network at them, in two steps so the
+    network can run on the GPU while a CPU detector works on the same image."""
 
     name: str
 
-    def describe(self, image: PreparedImage, xy: torch.Tensor) -> torch.Tensor: ...
+    def dense_map(self, image: PreparedImage) -> torch.Tensor: ...
+
+    def sample(self, dense: torch.Tensor, xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor: ...

@@ -69,12 +69,18 @@ class AlikedNetwork:
                          descriptors=result.descriptors.float() if with_descriptors else None)
 
     @torch.inference_mode()
-    def describe(self, image: PreparedImage, xy: torch.Tensor) -> torch.Tensor:
+    def dense_map(self, image: PreparedImage) -> torch.Tensor:
+        """(1, 128, h, w) feature map; on CUDA this only queues the work (no synchronisation)."""
+        with autocast_for(self.device, self.precision):
+            return self.model.extract_dense_map(image.tensor)[0]
+
+    @torch.inference_mode()
+    def sample(self, dense: torch.Tensor, xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """ALIKED's deformable descriptor head (SDDH) at (N, 2) pixel keypoints -> (N, 128) unit vectors."""
         if len(xy) == 0:
             return torch.zeros((0, self.descriptor_dim), device=self.device)
         with autocast_for(self.device, self.precision):
-            feature_map, _ = self.model.extract_dense_map(image.tensor)
-            descriptors, _ = self.model.desc_head(feature_map, [_normalised_grid(xy.float(), image.size)])
+            descriptors, _ = self.model.desc_head(dense, [_normalised_grid(xy.float(), size)])
         return descriptors[0].float()
 
 
@@ -103,17 +109,22 @@ class DiskNetwork:
                          descriptors=result.descriptors[order].float() if with_descriptors else None)
 
     @torch.inference_mode()
-    def describe(self, image: PreparedImage, xy: torch.Tensor) -> torch.Tensor:
-        if len(xy) == 0:
-            return torch.zeros((0, self.descriptor_dim), device=self.device)
+    def dense_map(self, image: PreparedImage) -> torch.Tensor:
+        """(1, 128, h, w) raw descriptor map; on CUDA this only queues the work."""
         tensor = image.tensor
         height, width = tensor.shape[-2:]
-        padded = F.pad(tensor, (0, (-width) % 16, 0, (-height) % 16))
+        padded = F.pad(tensor, (0, (-width) % 16, 0, (-height) % 16))  # the U-Net needs multiples of 16
         with autocast_for(self.device, self.precision):
             _, dense = self.model.heatmap_and_dense_descriptors(padded)
-        dense = dense[..., :height, :width].float()
-        grid = _normalised_grid(xy.float(), image.size).view(1, 1, -1, 2)
-        sampled = F.grid_sample(dense, grid, mode="bilinear", align_corners=True)  # (1, D, 1, N)
+        return dense[..., :height, :width]
+
+    @torch.inference_mode()
+    def sample(self, dense: torch.Tensor, xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear sampling of the dense map at (N, 2) pixel keypoints -> (N, 128) unit vectors."""
+        if len(xy) == 0:
+            return torch.zeros((0, self.descriptor_dim), device=self.device)
+        grid = _normalised_grid(xy.float(), size).view(1, 1, -1, 2)
+        sampled = F.grid_sample(dense.float(), grid, mode="bilinear", align_corners=True)  # (1, D, 1, N)
         return F.normalize(sampled[0, :, 0].t(), dim=-1)
 
 
