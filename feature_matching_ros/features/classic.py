@@ -24,8 +24,9 @@ def non_maximum_suppression(xy: np.ndarray, scores: np.ndarray, radius: int, siz
 
     xy: (N, 2) pixel coordinates; scores: (N,); size: (W, H). A keypoint survives when its score is the
     maximum of a disk of ``radius`` around it on a score image (a max-filter, as SuperPoint-style NMS):
-    survivors at integer pixels (ORB's single-scale FAST corners) are therefore at least ``radius`` apart. One dilation replaces a per-point loop (~1 ms vs
-    ~30 ms for 4096 candidates); ties are broken by the stable sort, so survivors are strictly ranked.
+    survivors at integer pixels (ORB's single-scale FAST corners) are therefore at least ``radius`` apart.
+    One dilation replaces a per-point loop (~1 ms vs ~30 ms for 4096 candidates); ties are broken by the
+    stable sort, so survivors are strictly ranked.
     """
     order = np.argsort(-scores, kind="stable")
     if radius <= 0 or len(order) == 0:
