@@ -24,7 +24,7 @@ fi
 "$PYTHON" -m pip install --quiet \
   ros-kilted-rosidl-default-generators ros-kilted-rosidl-core-generators \
   ros-kilted-ament-cmake ros-kilted-ament-package \
-  ros-kilted-ament-cmake-include-directories ros-kilted-ament-cmake-ros-core
+  ros-kilted-ament-cmake-include-directories ros-kilted-ament-cmake-ros-core catkin-pkg
 
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
