@@ -129,6 +129,13 @@ class LoopClosure:
     drift_translation_m: float | None = None
     drift_rotation_deg: float | None = None
     path_length_m: float | None = None
+    # The matches behind a geometrically verified candidate (None otherwise), for Matches messages and debug
+    # images: (M, 2) float32 pixels in the query and the match image, (M,) match scores, (M,) pose inlier mask.
+    # Not part of to_json_dict.
+    points_query: np.ndarray | None = field(default=None, repr=False)
+    points_match: np.ndarray | None = field(default=None, repr=False)
+    match_scores: np.ndarray | None = field(default=None, repr=False)
+    inlier_mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def inlier_ratio(self) -> float:
@@ -401,6 +408,10 @@ class LoopClosureEngine:
                                pose.T_1_0, 1.0, pose.metric, pose.information, len(matches.matches),
                                pose.num_inliers, candidate.score, rank, pose.method, pose.success)
             if pose.success:
+                pairs = matches.matches
+                loop.points_query, loop.points_match = keyframe.keypoints[pairs[:, 0]], match_kf.keypoints[pairs[:, 1]]
+                loop.match_scores = np.asarray(matches.scores, np.float32)
+                loop.inlier_mask = np.asarray(pose.inliers, bool)
                 if loop.num_inliers < self.config.min_inliers:
                     loop.reason = f"too few inliers: {loop.num_inliers} < min_inliers={self.config.min_inliers}"
                 elif loop.inlier_ratio < self.config.min_inlier_ratio:
@@ -415,6 +426,20 @@ class LoopClosureEngine:
             results.append(loop)
         timing["verify"] = (time.perf_counter() - start) * 1e3
         return results
+
+    def verify_candidates(self, query_id: int, candidate_ids: list[int]) -> KeyframeResult:
+        """Verify candidates named from outside (a backend's covisibility search, another place recogniser)
+        against a keyframe already in the map: no retrieval, no exclusion window, no temporal consistency;
+        the same acceptance thresholds and odometry gate as ``process_keyframe``. KeyError: unknown id."""
+        start_total = time.perf_counter()
+        keyframe = self.database.get(query_id)
+        candidates = [Candidate(self.database.position_of(i), i, 0.0) for i in candidate_ids]
+        timing: dict[str, float] = {}
+        loops = []
+        if candidates:
+            loops = self._verify(keyframe, keyframe.to_features(self.pipeline.device), candidates, timing)
+        timing["total"] = (time.perf_counter() - start_total) * 1e3
+        return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok" if loops else "no candidates", timing)
 
     def detect_loops(self, keyframe: Keyframe, features: Features, exclude_ids: set[int] | None = None,
                      timing: dict[str, float] | None = None) -> KeyframeResult:
