@@ -15,7 +15,7 @@ DESCRIPTORS = ("native", "aliked", "disk")
 MATCHERS = ("lightglue", "nn")
 LIGHTGLUE_WEIGHTS = ("official",)
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -114,7 +114,7 @@ class PipelineConfig:
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     pose: PoseConfig = field(default_factory=PoseConfig)
     device: str = "auto"  # "auto" picks cuda when available
-    precision: str = "fp32"
+    precision: str = "auto"  # "auto": fp16 on CUDA (LightGlue 2x faster, same matches), fp32 on CPU
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", type=Path, help="write the result as JSON")
     parser.add_argument("--viz", type=Path, help="write a PNG with inliers green, outliers red")
     parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.set_defaults(func=run)
 
 
