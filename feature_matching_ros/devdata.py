@@ -97,6 +97,8 @@ def synthetic_homography_pair(photo: str, seed: int, size: tuple[int, int] = (48
 
 def homography_errors(H: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
     """Transfer error (px) of matched points under the ground-truth homography."""
+    if len(points0) == 0:
+        return np.zeros(0)
     projected = cv2.perspectiveTransform(points0.reshape(1, -1, 2).astype(np.float64), H)[0]
     return np.linalg.norm(projected - points1, axis=1)
 
