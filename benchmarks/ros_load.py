@@ -177,7 +177,8 @@ def main() -> int:
     stage_rows = "\n".join(
         f"| {stage} | {diag.get(f'latency_ms.{stage}.p50', '-')} | {diag.get(f'latency_ms.{stage}.p95', '-')} | "
         f"{diag.get(f'latency_ms.{stage}.max', '-')} |"
-        for stage in ("convert", "queue_wait", "extract", "match", "pose", "total"))
+        for stage in ("convert", "queue_wait", "relocalize.extract", "relocalize.global_descriptor",
+                      "relocalize.retrieve", "relocalize.match", "relocalize.verify", "total"))
     report = f"""# relocalization_node load test
 
 Command: `python benchmarks/ros_load.py --minutes {args.minutes:g} --preset {args.preset}`

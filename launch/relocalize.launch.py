@@ -5,10 +5,12 @@
         keyframes:=/slam/keyframes device:=cuda
 
 Arguments:
-  preset       name of a file in share/feature_matching_ros/config (orb_lightglue, aliked_lightglue, cpu)
-  params_file  optional extra parameter file applied after the preset (overrides it)
+  preset       config/<preset>.yaml in share/feature_matching_ros (orb_lightglue, aliked_lightglue, cpu); each
+               names a preset of feature_matching_ros/presets.py and sets the node's own parameters
+  params_file  optional extra parameter file applied after the preset file (overrides it), e.g. with
+               pipeline.* / engine.* overrides or map_path
   namespace    namespace of the node and its relative topics
-  device       auto | cpu | cuda; empty keeps the preset's value
+  device       auto | cpu | cuda; empty keeps the preset's value (sets pipeline.device)
   image, camera_info, depth, keyframes, loop_candidates   input topic remaps
   log_level    debug | info | warn | error
 """
@@ -40,7 +42,7 @@ def _node(context, *args, **kwargs):
         parameters.append(params_file)
     device = LaunchConfiguration("device").perform(context)
     if device:
-        parameters.append({"device": device})
+        parameters.append({"pipeline.device": device})
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPIC_ARGUMENTS]
     return [Node(
         package=PACKAGE,
@@ -58,7 +60,7 @@ def _node(context, *args, **kwargs):
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([
         DeclareLaunchArgument("preset", default_value="orb_lightglue",
-                              description="Parameter preset: config/<preset>.yaml"),
+                              description="Preset: config/<preset>.yaml"),
         DeclareLaunchArgument("params_file", default_value="",
                               description="Extra parameter file applied after the preset"),
         DeclareLaunchArgument("namespace", default_value="", description="Node namespace"),

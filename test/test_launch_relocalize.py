@@ -102,9 +102,11 @@ def test_launch_arguments_and_presets():
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-def test_presets_are_ros_parameter_files_with_declared_valid_parameters(preset):
-    from feature_matching_ros.config import PipelineConfig
-    from feature_matching_ros.ros.parameters import PARAMETERS, pipeline_dict
+def test_config_files_name_a_preset_and_set_only_declared_valid_parameters(preset):
+    """config/<name>.yaml selects presets.py's <name> (the one place preset values live), sets node parameters
+    and explicit pipeline.* / engine.* overrides only, with the declared types, and the result validates."""
+    from feature_matching_ros.presets import build_configs, preset_names
+    from feature_matching_ros.ros.parameters import SPECS, preset_override
 
     data = yaml.safe_load((CONFIG_DIR / f"{preset}.yaml").read_text())
     (node_key, block), = data.items()
@@ -112,11 +114,27 @@ def test_presets_are_ros_parameter_files_with_declared_valid_parameters(preset):
     values = flatten_parameter_file(block["ros__parameters"])
     undeclared = set(values) - PARAMETER_NAMES
     assert not undeclared, f"{preset}.yaml sets undeclared parameters {sorted(undeclared)}"
-    defaults = {spec.name: spec.default for spec in PARAMETERS}
-    for name, value in values.items():  # rclpy refuses a value whose type differs from the declared default
-        assert type(value) is type(defaults[name]), (
-            f"{preset}.yaml: {name}={value!r} is {type(value).__name__}, declared {type(defaults[name]).__name__}")
-    PipelineConfig.from_dict(pipeline_dict({**defaults, **values}))  # raises ConfigError if invalid
+    assert values.get("preset") == preset, f"{preset}.yaml must select preset: {preset}"
+    assert preset in preset_names(), f"config/{preset}.yaml has no preset {preset!r} in presets.py"
+    for name, value in values.items():  # rclpy refuses a value whose type differs from the declared type
+        assert type(value) is SPECS[name].type, (
+            f"{preset}.yaml: {name}={value!r} is {type(value).__name__}, declared {SPECS[name].type.__name__}")
+        spec = SPECS[name]
+        if spec.choices:
+            assert value in spec.choices, f"{preset}.yaml: {name}={value!r}; allowed {spec.choices}"
+        if spec.value_range:
+            assert spec.value_range[0] <= value <= spec.value_range[1], f"{preset}.yaml: {name}={value!r}"
+    build_configs(preset, preset_override(values))  # raises ConfigError if an override is invalid
+
+
+def test_every_preset_override_key_is_a_declared_parameter():
+    """Every scalar key of every preset can be overridden by a declared pipeline.* / engine.* parameter."""
+    from feature_matching_ros.presets import PRESETS
+    from feature_matching_ros.ros.parameters import SPECS
+
+    for name, preset in PRESETS.items():
+        for key in flatten_parameter_file(preset):
+            assert key in SPECS and SPECS[key].override_key, f"preset {name}: {key} has no override parameter"
 
 
 def test_launch_with_launch_ros(tmp_path):
@@ -158,7 +176,7 @@ def test_launch_with_launch_ros(tmp_path):
             if not client.wait_for_service(timeout_sec=120.0):
                 outcome["error"] = "node started by the launch file did not come up"
                 return
-            future = client.call_async(SaveMap.Request(path=str(tmp_path / "map.npz")))
+            future = client.call_async(SaveMap.Request(path=str(tmp_path / "map")))
             executor = SingleThreadedExecutor(context=context)
             executor.add_node(client_node)
             executor.spin_until_future_complete(future, timeout_sec=30.0)

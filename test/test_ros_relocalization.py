@@ -1,4 +1,5 @@
-"""relocalization_node over real DDS on localhost: keyframes, loop candidates, services, raw images, bad input.
+"""relocalization_node over real DDS on localhost: the engine behind keyframes, loop candidates, services, raw
+images, map persistence across a restart, parameters, bad input.
 
 Ground truth: scikit-image's Middlebury ``stereo_motorcycle`` rectified pair (f=994.978, cx=311.193,
 cy=254.877, doffs=31.086, baseline 193.001 mm; GT disparity -> metric depth for the left view). The right
@@ -48,9 +49,12 @@ from feature_matching_ros.ros.relocalization_node import ParameterError, Relocal
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 320
 FOCAL, CX, CY, DOFFS, BASELINE_M = 994.978, 311.193, 254.877, 31.086, 0.193001
-FAST_PARAMETERS = {"device": "cpu", "features.max_keypoints": 256, "features.resize_max": 320,
-                   "keyframe_store_size": 8, "image_queue_size": 1, "relocalization_max_keyframes": 4,
-                   "relocalization_top_k": 2, "diagnostics_period_s": 0.2, "log_throttle_s": 0.0}
+# The cpu preset, smaller, with a 5 s exclusion window (keyframes stamped within 5 s never close loops
+# automatically) and a lower inlier threshold for 256 keypoints on a 320 px image.
+FAST_PARAMETERS = {"preset": "cpu", "pipeline.features.max_keypoints": 256, "pipeline.features.resize_max": 320,
+                   "engine.min_inliers": 20, "engine.temporal_consistency": 1, "engine.retrieval.exclude_recent_count": 0,
+                   "engine.retrieval.exclude_recent_seconds": 5.0, "image_queue_size": 1, "publish_rejected": True,
+                   "diagnostics_period_s": 0.2, "log_throttle_s": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------- ground truth
@@ -103,6 +107,14 @@ def rotation_error_deg(R: np.ndarray) -> float:
     return math.degrees(np.linalg.norm(Rotation.from_matrix(R).as_rotvec()))
 
 
+def in_map(node: RelocalizationNode, keyframe_id: int) -> bool:
+    try:
+        node.engine.database.position_of(keyframe_id)
+        return True
+    except KeyError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- DDS fixtures
 @pytest.fixture(scope="module")
 def ros_context():
@@ -117,18 +129,19 @@ def ros_context():
 class Harness:
     """The node under test plus a client node, both spun by one executor thread."""
 
-    def __init__(self, context, parameters: dict) -> None:
+    def __init__(self, context, parameters: dict, namespace: str = "") -> None:
         overrides = [Parameter(name, value=value) for name, value in parameters.items()]
-        self.node = RelocalizationNode(context=context, parameter_overrides=overrides)
-        self.client = rclpy.create_node("test_client", context=context)
+        self.node = RelocalizationNode(context=context, parameter_overrides=overrides, namespace=namespace)
+        self.client = rclpy.create_node("test_client", context=context, namespace=namespace)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
-        self.received: dict[str, list] = {"loop_closures": [], "matches": [], "relocalization_pose": [],
-                                          "diagnostics": [], "debug": []}
+        self.received: dict[str, list] = {"loop_closures": [], "rejected": [], "matches": [],
+                                          "relocalization_pose": [], "diagnostics": [], "debug": []}
         self._lock = threading.Lock()
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        for topic, kind, key in (("loop_closures", LoopClosure, "loop_closures"), ("matches", Matches, "matches"),
+        for topic, kind, key in (("loop_closures", LoopClosure, "loop_closures"),
+                                 ("loop_closures/rejected", LoopClosure, "rejected"), ("matches", Matches, "matches"),
                                  ("relocalization_pose", PoseWithCovarianceStamped, "relocalization_pose"),
                                  ("/diagnostics", DiagnosticArray, "diagnostics"),
                                  ("debug/matches_image", Image, "debug")):
@@ -169,9 +182,11 @@ class Harness:
         self.wait_for(future.done, timeout, f"{client.srv_name} response")
         return future.result()
 
-    def wait_stored(self, count: int, timeout: float = 30.0) -> None:
-        self.wait_for(lambda: self.node.counters().get("keyframes_stored", 0) >= count, timeout,
-                      f"{count} keyframes stored")
+    def in_map(self, keyframe_id: int) -> bool:
+        return in_map(self.node, keyframe_id)
+
+    def wait_in_map(self, *keyframe_ids: int, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: all(self.in_map(i) for i in keyframe_ids), timeout, f"keyframes {keyframe_ids} in the map")
 
     def close(self) -> None:
         self.node.stop()
@@ -188,18 +203,21 @@ def harness(ros_context):
     h.close()
 
 
+
 # ---------------------------------------------------------------------------------------------- tests
 def test_loop_candidates_give_metric_loop_closure_and_matches(harness, stereo):
     T_map_left = np.eye(4)
     harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], stereo["depth_left"], T_map_left, 1.0))
     harness.keyframes.publish(keyframe_msg(2, stereo["right"], stereo["K_right"], None, None, 2.0))
-    harness.wait_stored(2)
+    harness.wait_in_map(1, 2)
+    assert not harness.messages("loop_closures")  # 1 s apart: inside the exclusion window, no automatic loop
     harness.candidates.publish(LoopCandidates(query_id=2, candidate_ids=[1]))
     loop = harness.wait_for(lambda: harness.messages("loop_closures"), 30.0, "loop closure")[0]
     assert (loop.query_id, loop.match_id) == (2, 1)
-    assert loop.accepted, loop.reason
+    assert loop.accepted and loop.reason == "ok", loop.reason
     assert loop.metric_scale and loop.scale == 1.0
     assert (loop.query_stamp.sec, loop.match_stamp.sec) == (2, 1)
+    assert loop.header.frame_id == "map"
     T = conv.transform_to_matrix(loop.t_match_query)  # T_left_right = translation (+b, 0, 0)
     assert np.linalg.norm(T[:3, 3] - [BASELINE_M, 0, 0]) < 0.02, T[:3, 3]
     assert rotation_error_deg(T[:3, :3]) < 1.0
@@ -210,15 +228,52 @@ def test_loop_candidates_give_metric_loop_closure_and_matches(harness, stereo):
     points0, points1 = np.reshape(matches.points0, (-1, 2)), np.reshape(matches.points1, (-1, 2))
     inliers = np.asarray(matches.inliers, bool)
     assert len(points0) == len(points1) == len(matches.scores) == len(inliers) == loop.num_matches
+    assert inliers.sum() == loop.num_inliers
     # rectified pair: inlier matches lie on the same row (up to the 320 px downscale's rounding)
     assert np.median(np.abs(points0[inliers, 1] - points1[inliers, 1])) < 1.0
+    # the debug image shows the pair side by side (both keyframe images are cached)
+    debug = harness.wait_for(lambda: harness.messages("debug"), 10.0, "debug image")[0]
+    assert debug.width == 2 * WIDTH and debug.encoding == "rgb8"
+
+
+def test_keyframes_close_loops_through_retrieval(harness, stereo):
+    """A keyframe far enough in time from the map's keyframes: retrieval + verification close the loop
+    automatically; the best candidate is accepted, the others are published as rejected with their reason."""
+    harness.keyframes.publish(keyframe_msg(3, stereo["right"], stereo["K_right"], None, None, 100.0))
+    loop = harness.wait_for(lambda: [m for m in harness.messages("loop_closures") if m.query_id == 3], 60.0,
+                            "automatic loop closure")[0]
+    assert loop.match_id == 1 and loop.accepted  # keyframe 2 (the same right image) has no depth: no PnP
+    assert loop.retrieval_score > 0
+    T = conv.transform_to_matrix(loop.t_match_query)
+    assert np.linalg.norm(T[:3, 3] - [BASELINE_M, 0, 0]) < 0.02, T[:3, 3]
+    rejected = harness.wait_for(lambda: [m for m in harness.messages("rejected") if m.query_id == 3], 10.0,
+                                "rejected candidate")
+    assert all(not m.accepted and m.reason for m in rejected)
+    assert any(k.startswith("loop_closures.rejected.") for k in harness.node.counters())
+
+
+def test_resent_keyframe_updates_its_pose(harness, stereo):
+    T = np.eye(4)
+    T[:3, 3] = [0.5, 0.0, 0.0]
+    before = harness.node.counters().get("keyframes.pose_updates", 0)
+    harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], None, T, 1.0))
+    harness.wait_for(lambda: harness.node.counters().get("keyframes.pose_updates", 0) > before, 10.0, "pose update")
+    assert np.allclose(harness.node.engine.database.get(1).T_map_camera, T)
+    harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], None, np.eye(4), 1.0))
+    harness.wait_for(lambda: np.allclose(harness.node.engine.database.get(1).T_map_camera, np.eye(4)), 10.0,
+                     "pose restored")
+    before = harness.node.counters().get("rejected.duplicate_keyframe", 0)
+    harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], None, None, 1.0))
+    harness.wait_for(lambda: harness.node.counters().get("rejected.duplicate_keyframe", 0) > before, 10.0,
+                     "re-sent keyframe without a pose rejected")
 
 
 def test_unknown_candidates_are_rejected_and_counted(harness):
     before = harness.node.counters().get("rejected.unknown_keyframe", 0)
     harness.candidates.publish(LoopCandidates(query_id=2, candidate_ids=[999]))
-    harness.wait_for(lambda: harness.node.counters().get("rejected.unknown_keyframe", 0) > before, 10.0,
-                     "unknown keyframe counted")
+    harness.candidates.publish(LoopCandidates(query_id=998, candidate_ids=[1]))
+    harness.wait_for(lambda: harness.node.counters().get("rejected.unknown_keyframe", 0) >= before + 2, 10.0,
+                     "unknown keyframes counted")
 
 
 def test_match_images_service_monocular_direction(harness, stereo):
@@ -262,41 +317,33 @@ def test_match_images_homography_ground_truth(harness):
     assert not response.success and "planar" in response.reason  # a plane: the monocular pose is ambiguous
 
 
-def test_relocalize_service_composes_map_pose(harness, stereo):
-    T_map_left = np.eye(4)
-    T_map_left[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix()
-    T_map_left[:3, 3] = [1.0, 2.0, 0.5]
-    harness.keyframes.publish(keyframe_msg(10, stereo["left"], stereo["K_left"], stereo["depth_left"], T_map_left, 10.0))
-    harness.wait_for(lambda: 10 in harness.node.store, 30.0, "keyframe 10 stored")
-    request = Relocalize.Request(image=conv.numpy_to_image(stereo["right"], "rgb8"),
-                                 camera_info=camera_info(stereo["K_right"], stereo["right"]))
-    response = harness.call(harness.relocalize, request)
-    assert response.success, response.reason
-    assert response.keyframe_id in (1, 10) and response.num_inliers >= 30
+def _relocalize_request(stereo) -> Relocalize.Request:
+    return Relocalize.Request(image=conv.numpy_to_image(stereo["right"], "rgb8"),
+                              camera_info=camera_info(stereo["K_right"], stereo["right"]))
+
+
+def _check_pose(response, T_map_left: np.ndarray) -> None:
     T_left_right = np.eye(4)
     T_left_right[0, 3] = BASELINE_M
-    expected = (T_map_left if response.keyframe_id == 10 else np.eye(4)) @ T_left_right
+    expected = T_map_left @ T_left_right
     pose = conv.pose_to_matrix(response.pose.pose.pose)
-    assert np.linalg.norm(pose[:3, 3] - expected[:3, 3]) < 0.02
+    assert np.linalg.norm(pose[:3, 3] - expected[:3, 3]) < 0.02, (pose[:3, 3], expected[:3, 3])
     assert rotation_error_deg(pose[:3, :3].T @ expected[:3, :3]) < 1.0
     covariance = np.asarray(response.pose.pose.covariance).reshape(6, 6)
     assert np.all(np.linalg.eigvalsh(covariance) > 0) and np.all(np.isfinite(covariance))
 
 
-def test_relocalize_without_depth_reports_unknown_scale(harness, stereo):
-    harness.keyframes.publish(keyframe_msg(20, stereo["left"], stereo["K_left"], None, np.eye(4), 20.0))
-    harness.wait_for(lambda: 20 in harness.node.store, 30.0, "keyframe 20 stored")
-    saved = harness.node.store
-    from feature_matching_ros.ros.keyframe_store import KeyframeStore
-    only_monocular = KeyframeStore(4)
-    only_monocular.insert(saved.get(20))
-    harness.node.store = only_monocular
-    try:
-        response = harness.call(harness.relocalize, Relocalize.Request(
-            image=conv.numpy_to_image(stereo["right"], "rgb8"), camera_info=camera_info(stereo["K_right"], stereo["right"])))
-    finally:
-        harness.node.store = saved
-    assert not response.success and "scale unknown" in response.reason
+def test_relocalize_service_composes_map_pose(harness, stereo):
+    T_map_left = np.eye(4)
+    T_map_left[:3, :3] = Rotation.from_euler("z", 30, degrees=True).as_matrix()
+    T_map_left[:3, 3] = [1.0, 2.0, 0.5]
+    harness.keyframes.publish(keyframe_msg(10, stereo["left"], stereo["K_left"], stereo["depth_left"], T_map_left, 10.0))
+    harness.wait_in_map(10)
+    response = harness.call(harness.relocalize, _relocalize_request(stereo))
+    assert response.success, response.reason
+    assert response.keyframe_id in (1, 10) and response.num_inliers >= 30
+    assert response.pose.header.frame_id == "map"
+    _check_pose(response, T_map_left if response.keyframe_id == 10 else np.eye(4))
 
 
 def test_image_topic_publishes_relocalization_pose(harness, stereo):
@@ -314,6 +361,8 @@ def test_image_topic_publishes_relocalization_pose(harness, stereo):
     poses = harness.wait_for(publish_until_pose, 60.0, "relocalization_pose from the image topic")
     assert poses[0].header.frame_id == "map"
     assert np.isfinite(np.asarray(poses[0].pose.covariance)).all()
+    matches = [m for m in harness.messages("matches") if m.frame_id0 == "camera" and len(m.points0)]
+    assert matches and matches[-1].id0 == 0 and matches[-1].id1 in (1, 10)
 
 
 def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
@@ -338,11 +387,11 @@ def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
     for msg in expected.values():
         harness.keyframes.publish(msg)
     harness.keyframes.publish(good)
-    harness.wait_for(lambda: 30 in harness.node.store, 30.0, "the good keyframe after the bad ones")
+    harness.wait_in_map(30)
     counters = harness.wait_for(lambda: (c := harness.node.counters()) and all(
         c.get(f"rejected.{kind}", 0) > before.get(f"rejected.{kind}", 0) for kind in expected) and c, 10.0,
         "every rejection counted")
-    assert not any(i in harness.node.store for i in range(31, 38))
+    assert not any(harness.in_map(i) for i in range(31, 38))
     assert counters.get("errors", 0) == 0
     # raw image with a step mismatch on the image topic: counted as well
     image = conv.numpy_to_image(stereo["right"], "rgb8")
@@ -363,19 +412,59 @@ def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
         return None
     values = harness.wait_for(diagnostics_with_rejections, 5.0, "diagnostics with rejections")
     assert "latency_ms.extract.p50" in values and "rejected.unsupported_encoding" in values
+    assert values["preset"] == "cpu" and int(values["map_keyframes"]) >= 4
 
 
-def test_save_and_load_map(harness, tmp_path):
-    path = tmp_path / "map.npz"
-    saved_ids = set(harness.node.store.ids())
+def _map_ids(node: RelocalizationNode) -> set[int]:
+    return {k.id for k in node.engine.database.keyframes}
+
+
+def test_save_load_map_and_restart(harness, ros_context, stereo, tmp_path):
+    """save_map -> load_map round trip, a corrupt map refused (the current map stays), and a second node that
+    starts from the saved map (map_path) relocalizes against it: the map survives a restart."""
+    path = tmp_path / "map"
+    saved_ids = _map_ids(harness.node)
     response = harness.call(harness.save_map, SaveMap.Request(path=str(path)))
-    assert response.success and path.exists(), response.message
+    assert response.success and (path / "manifest.json").is_file(), response.message
     response = harness.call(harness.load_map, LoadMap.Request(path=str(path)))
     assert response.success, response.message
-    assert set(harness.node.store.ids()) == saved_ids
-    assert all(harness.node.store.get(i).features is not None for i in saved_ids)
-    response = harness.call(harness.load_map, LoadMap.Request(path=str(tmp_path / "missing.npz")))
-    assert not response.success and "missing.npz" in response.message
+    assert _map_ids(harness.node) == saved_ids
+    response = harness.call(harness.load_map, LoadMap.Request(path=str(tmp_path / "missing")))
+    assert not response.success and "missing" in response.message
+    corrupt = tmp_path / "corrupt"
+    import shutil
+    shutil.copytree(path, corrupt)
+    victim = sorted(corrupt.glob("*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    failed_before = harness.node.counters().get("map.load_failed", 0)
+    response = harness.call(harness.load_map, LoadMap.Request(path=str(corrupt)))
+    assert not response.success and victim.name in response.message, response.message
+    assert _map_ids(harness.node) == saved_ids and harness.node.counters()["map.load_failed"] == failed_before + 1
+
+    restarted = Harness(ros_context, {**FAST_PARAMETERS, "map_path": str(path)}, namespace="restarted")
+    try:
+        assert _map_ids(restarted.node) == saved_ids and restarted.node.counters().get("map.loaded") == 1
+        response = restarted.call(restarted.relocalize, _relocalize_request(stereo))
+        assert response.success, response.reason
+        assert response.keyframe_id in (1, 10)
+    finally:
+        restarted.close()
+    # a corrupt map_path: logged, counted, and the node runs with an empty map (map_load_failure=empty_map) ...
+    empty = Harness(ros_context, {**FAST_PARAMETERS, "map_path": str(corrupt)}, namespace="corrupt_map")
+    try:
+        assert len(empty.node.engine.database) == 0 and empty.node.counters()["map.load_failed"] == 1
+        # ... where a posed keyframe without depth gives no metric relocalization: scale unknown
+        empty.keyframes.publish(keyframe_msg(20, stereo["left"], stereo["K_left"], None, np.eye(4), 20.0))
+        empty.wait_in_map(20)
+        response = empty.call(empty.relocalize, _relocalize_request(stereo))
+        assert not response.success and "scale unknown" in response.reason, response.reason
+    finally:
+        empty.close()
+    # ... or refuses to start (map_load_failure=stop), naming the path
+    with pytest.raises(ParameterError) as error:
+        RelocalizationNode(context=ros_context, parameter_overrides=[Parameter(k, value=v) for k, v in {
+            **FAST_PARAMETERS, "map_path": str(corrupt), "map_load_failure": "stop"}.items()])
+    assert str(corrupt) in str(error.value) and "map_load_failure=stop" in str(error.value)
 
 
 def test_busy_matcher_drops_oldest_images(harness, stereo):
@@ -397,14 +486,17 @@ def test_busy_matcher_drops_oldest_images(harness, stereo):
 
 
 @pytest.mark.parametrize("overrides, names", [
-    ({"features.detector": "surf"}, ["detector", "orb", "aliked"]),
-    ({"device": "tpu"}, ["device", "cpu", "cuda"]),
+    ({"preset": "fastest"}, ["preset", "fastest", "cpu", "orb_lightglue"]),
+    ({"pipeline.features.detector": "surf"}, ["detector", "orb", "aliked"]),
+    ({"pipeline.device": "tpu"}, ["device", "cpu", "cuda"]),
     ({"image_queue_size": 0}, ["image_queue_size", "1"]),
-    ({"pose.min_inliers": 2}, ["min_inliers", "5"]),
+    ({"pipeline.pose.min_inliers": 2}, ["min_inliers", "5"]),
+    ({"engine.min_inlier_ratio": 1}, ["engine.min_inlier_ratio", "float"]),
+    ({"map_load_failure": "ignore"}, ["map_load_failure", "empty_map", "stop"]),
 ])
 def test_invalid_parameters_stop_the_node_with_a_named_error(ros_context, overrides, names):
     with pytest.raises(ParameterError) as error:
         RelocalizationNode(context=ros_context, parameter_overrides=[
             Parameter(k, value=v) for k, v in {**FAST_PARAMETERS, **overrides}.items()])
     for name in names:
-        assert name in str(error.value)
+        assert name in str(error.value), str(error.value)

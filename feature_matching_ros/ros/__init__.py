@@ -1,7 +1,7 @@
 """ROS 2 shell of feature_matching_ros: message conversions and nodes (the only rclpy importers).
 
-Modules here are thin: they convert messages, read parameters and call the core. ``parameters`` and
-``keyframe_store`` import neither rclpy nor message packages, so tests and tools can use them anywhere.
+Modules here are thin: they convert messages, read parameters and call the core. ``parameters`` imports
+neither rclpy nor message packages, so tests, tools and docs can use it anywhere.
 """
 
 from pkgutil import extend_path as _extend_path
