@@ -18,7 +18,7 @@ from typing import Any
 
 _VLAD_ENGINE = {"global_descriptor": "vlad", "codebook": "default",
                 "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20},
-                "min_inliers": 50, "min_inlier_ratio": 0.5, "temporal_consistency": 1}
+                "min_inliers": 50, "min_inlier_ratio": 0.5}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "orb_lightglue": {
@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "matcher": {"name": "nn", "ratio_test": 0.8, "max_hamming": 64}},
         "engine": {"global_descriptor": "bow", "codebook": "default",
                    "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20},
-                   "min_inliers": 50, "min_inlier_ratio": 0.5, "temporal_consistency": 1},
+                   "min_inliers": 50, "min_inlier_ratio": 0.5},
     },
 }
 

@@ -53,18 +53,39 @@ class EngineConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     min_inliers: int = 50  # accepted loops need at least this many geometric inliers
     min_inlier_ratio: float = 0.5  # ... and inliers / matches at least this
-    temporal_consistency: int = 1  # accept only when N consecutive queries verify the same place (1 = off)
+    # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
+    temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
     max_loops_per_keyframe: int = 1  # accepted loops reported per query (best inlier counts first)
     store_depth: bool = True  # keep depth at keypoints for PnP when a depth image is given
-    # Odometry-consistency gate (needs backend poses on both keyframes and a metric loop): the loop may move the
-    # query by at most abs + ratio * path length travelled since the match. Repetitive textures (tiled walls,
-    # identical posters) pass geometric verification with a pose one period away; real drift is a few %.
+    # Inlier spread: the inliers must occupy at least this fraction of a coverage_grid x coverage_grid grid in
+    # BOTH images. One repeated poster or a tiled patch gives a tight cluster of (consistent) inliers.
+    min_inlier_coverage: float = 0.25
+    coverage_grid: int = 4
+    # Depth consistency (PnP, both keyframes with depth): the PnP pose predicts the depth of every inlier in the
+    # other camera; at least this fraction must agree with the depth measured there (|dz| <= rel*z + abs).
+    # A pose explained by the wrong structure (mirror-symmetric room, wall one tile over) predicts wrong depths.
+    min_depth_agreement: float = 0.7
+    depth_tolerance_rel: float = 0.1
+    depth_tolerance_abs_m: float = 0.1
+    # Reprojection residuals: the median inlier residual after refinement must stay below this fraction of the
+    # PnP RANSAC threshold (a correct pose sits at the noise level; a forced one spreads over the whole band).
+    max_median_residual_ratio: float = 0.5
+    # Ambiguity: if two candidates that pass every check put the query at places that disagree (beyond the
+    # odometry allowance between them) and the weaker has >= ambiguity_ratio x the stronger's inliers, both are
+    # rejected: the scene looks the same in two places (repetitive texture). 1.0 disables it.
+    ambiguity_ratio: float = 0.7
+    # Odometry-consistency gate (needs backend poses on both keyframes and a metric loop). The loop is compared
+    # with the relative pose predicted by composing odometry (and previously accepted loops) along the SHORTEST
+    # path between the two keyframes in the keyframe graph, and may disagree by at most
+    # abs + ratio * (length of that path): the odometry's drift model (set it to your odometry's drift spec).
+    # Accepted loops shorten the paths, so after the first closure the gate tightens to the drift since then,
+    # as a backend's marginal covariance would. Repetitive textures verify with a pose one period away.
     odometry_gate: bool = True
     max_drift_abs_m: float = 0.3
     max_drift_ratio: float = 0.05
-    max_drift_abs_deg: float = 10.0
-    max_drift_deg_per_m: float = 2.0
+    max_drift_abs_deg: float = 5.0
+    max_drift_deg_per_m: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("global_descriptor", self.global_descriptor, GLOBAL_DESCRIPTORS)
@@ -79,6 +100,13 @@ class EngineConfig:
         _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
         _check_range("consistency_window", self.consistency_window, 0, 100_000)
         _check_range("max_loops_per_keyframe", self.max_loops_per_keyframe, 1, 100)
+        _check_range("min_inlier_coverage", self.min_inlier_coverage, 0.0, 1.0)
+        _check_range("coverage_grid", self.coverage_grid, 1, 64)
+        _check_range("min_depth_agreement", self.min_depth_agreement, 0.0, 1.0)
+        _check_range("depth_tolerance_rel", self.depth_tolerance_rel, 0.0, 10.0)
+        _check_range("depth_tolerance_abs_m", self.depth_tolerance_abs_m, 0.0, 1e3)
+        _check_range("max_median_residual_ratio", self.max_median_residual_ratio, 0.0, 1.0)
+        _check_range("ambiguity_ratio", self.ambiguity_ratio, 0.0, 1.0)
         _check_range("max_drift_abs_m", self.max_drift_abs_m, 0.0, 1e6)
         _check_range("max_drift_ratio", self.max_drift_ratio, 0.0, 100.0)
         _check_range("max_drift_abs_deg", self.max_drift_abs_deg, 0.0, 180.0)
@@ -86,6 +114,7 @@ class EngineConfig:
         self.min_inliers, self.temporal_consistency = int(self.min_inliers), int(self.temporal_consistency)
         self.consistency_window, self.max_loops_per_keyframe = int(self.consistency_window), int(
             self.max_loops_per_keyframe)
+        self.coverage_grid = int(self.coverage_grid)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
@@ -99,6 +128,10 @@ class EngineConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["retrieval"] = vars(self.retrieval).copy()
         return out
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
 
 
 def _matrix_list(matrix: np.ndarray | None) -> list | None:
@@ -136,6 +169,10 @@ class LoopClosure:
     points_match: np.ndarray | None = field(default=None, repr=False)
     match_scores: np.ndarray | None = field(default=None, repr=False)
     inlier_mask: np.ndarray | None = field(default=None, repr=False)
+    # Geometric checks (None when not computed: e.g. depth agreement without depth on both sides).
+    inlier_coverage: float | None = None
+    depth_agreement: float | None = None
+    median_residual_px: float | None = None
 
     @property
     def inlier_ratio(self) -> float:
@@ -150,7 +187,9 @@ class LoopClosure:
                 "retrieval_score": round(self.retrieval_score, 6), "retrieval_rank": self.retrieval_rank,
                 "method": self.method, "geometry_ok": self.geometry_ok,
                 "drift_translation_m": self.drift_translation_m, "drift_rotation_deg": self.drift_rotation_deg,
-                "path_length_m": self.path_length_m}
+                "path_length_m": self.path_length_m, "inlier_coverage": _rounded(self.inlier_coverage),
+                "depth_agreement": _rounded(self.depth_agreement),
+                "median_residual_px": _rounded(self.median_residual_px)}
 
 
 @dataclass
@@ -264,6 +303,59 @@ def verify_pair(query: Keyframe, candidate: Keyframe, matches: np.ndarray, confi
     return estimate_relative_pose(query_pixels, match_pixels, query.K, candidate.K, config)
 
 
+def inlier_coverage(pixels: np.ndarray, image_size: tuple[int, int], grid: int) -> float:
+    """Fraction of a grid x grid partition of the image (W, H) holding at least one of the (M, 2) pixels."""
+    if not len(pixels):
+        return 0.0
+    width, height = image_size
+    cols = np.clip((pixels[:, 0] / max(width, 1) * grid).astype(int), 0, grid - 1)
+    rows = np.clip((pixels[:, 1] / max(height, 1) * grid).astype(int), 0, grid - 1)
+    return len(np.unique(rows * grid + cols)) / float(grid * grid)
+
+
+def depth_agreement(query: Keyframe, candidate: Keyframe, matches: np.ndarray, T_match_query: np.ndarray,
+                    rel_tol: float, abs_tol: float, min_points: int = 10) -> float | None:
+    """Fraction of inlier matches (M', 2) whose query point, moved by T_match_query, has the depth measured at the
+    candidate's keypoint (|z_pred - z| <= rel_tol * z + abs_tol). None without depth on both sides."""
+    if not (query.has_depth and candidate.has_depth) or not len(matches):
+        return None
+    z_query = query.depth_at_keypoints[matches[:, 0]].astype(np.float64)
+    z_match = candidate.depth_at_keypoints[matches[:, 1]].astype(np.float64)
+    valid = np.isfinite(z_query) & np.isfinite(z_match)
+    if valid.sum() < min_points:
+        return None
+    points = backproject(query.keypoints[matches[valid, 0]].astype(np.float64), z_query[valid], query.K)
+    predicted = points @ T_match_query[:3, :3].T + T_match_query[:3, 3]
+    agree = np.abs(predicted[:, 2] - z_match[valid]) <= rel_tol * z_match[valid] + abs_tol
+    return float(agree.mean())
+
+
+def median_reprojection_residual(query: Keyframe, candidate: Keyframe, matches: np.ndarray,
+                                 T_match_query: np.ndarray) -> float | None:
+    """Median reprojection residual (px) of PnP inlier matches, in the image PnP was solved in (the candidate's
+    3D points into the query when the candidate has depth, else the query's points into the candidate)."""
+    if candidate.has_depth:
+        source, destination, T = candidate, query, np.linalg.inv(T_match_query)
+        src_index, dst_index = matches[:, 1], matches[:, 0]
+    elif query.has_depth:
+        source, destination, T = query, candidate, T_match_query
+        src_index, dst_index = matches[:, 0], matches[:, 1]
+    else:
+        return None
+    depth = source.depth_at_keypoints[src_index].astype(np.float64)
+    valid = np.isfinite(depth)
+    if not valid.any():
+        return None
+    points = backproject(source.keypoints[src_index[valid]].astype(np.float64), depth[valid], source.K)
+    residuals = _reprojection_residuals(T[:3, :3], T[:3, 3], points,
+                                        destination.keypoints[dst_index[valid]].astype(np.float64), destination.K)
+    return float(np.median(np.linalg.norm(residuals.reshape(-1, 2), axis=1)))
+
+
+def _rotation_deg(R: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 
@@ -306,7 +398,11 @@ class LoopClosureEngine:
         self.database = KeyframeDatabase(kind, codebook.dim, self.config.retrieval)
         self._recent_verified: deque[set[int]] = deque(maxlen=max(self.config.temporal_consistency - 1, 1))
         self._next_id = 0
-        self._path_length: list[float] = []  # cumulative backend path length at each database position (m)
+        # Keyframe graph for the odometry gate, by database position: neighbours[i] = [(j, T_j_i, length_m)].
+        # Odometry edges join consecutive keyframes (relative backend pose at insertion); accepted metric loops
+        # add edges of length 0 (pending until the query keyframe is inserted).
+        self._neighbours: list[list[tuple[int, np.ndarray, float]]] = []
+        self._pending_loops: dict[int, list[tuple[int, np.ndarray]]] = {}
 
     # -------------------------------------------------------------------- keyframes
     def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
@@ -342,45 +438,79 @@ class LoopClosureEngine:
         return result
 
     def insert(self, keyframe: Keyframe) -> None:
-        self._path_length.append(self._path_length_to(keyframe))
+        position = len(self.database)
+        self._neighbours.append([])
+        if position > 0:
+            self._add_odometry_edge(position - 1, self.database.keyframes[-1], keyframe)
+        for match_position, T_match_query in self._pending_loops.pop(keyframe.id, []):
+            self._neighbours[position].append((match_position, np.linalg.inv(T_match_query), 0.0))
+            self._neighbours[match_position].append((position, T_match_query, 0.0))
+        self._pending_loops.clear()
         self.database.add(keyframe)
 
-    def _path_length_to(self, keyframe: Keyframe) -> float:
-        """Cumulative backend path length at ``keyframe`` if it were appended now (0 without poses)."""
-        if not self._path_length:
-            return 0.0
-        last = self.database.keyframes[-1]
-        step = 0.0
-        if last.T_map_camera is not None and keyframe.T_map_camera is not None:
-            step = float(np.linalg.norm(keyframe.T_map_camera[:3, 3] - last.T_map_camera[:3, 3]))
-        return self._path_length[-1] + step
+    def _add_odometry_edge(self, previous_position: int, previous: Keyframe, keyframe: Keyframe) -> None:
+        if previous.T_map_camera is None or keyframe.T_map_camera is None:
+            return
+        T_prev_new = np.linalg.inv(previous.T_map_camera) @ keyframe.T_map_camera
+        step = float(np.linalg.norm(T_prev_new[:3, 3]))
+        new_position = previous_position + 1
+        self._neighbours[previous_position].append((new_position, T_prev_new, step))
+        self._neighbours[new_position].append((previous_position, np.linalg.inv(T_prev_new), step))
 
-    def _path_length_to_position(self, position: int) -> float:
-        if position == 0:
-            return 0.0
-        a, b = self.database.keyframes[position - 1], self.database.keyframes[position]
-        step = 0.0
-        if a.T_map_camera is not None and b.T_map_camera is not None:
-            step = float(np.linalg.norm(b.T_map_camera[:3, 3] - a.T_map_camera[:3, 3]))
-        return self._path_length[position - 1] + step
+    def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
+                            ) -> dict[int, tuple[np.ndarray, float]]:
+        """Dijkstra (edge length = metres travelled) from the query to the target database positions:
+        {position: (T_position_query predicted along the shortest path, path length m)}. A new query is attached
+        to the last keyframe by its odometry step; one already in the map starts at ``source_position``.
+        Targets the graph cannot reach (missing poses) are absent."""
+        import heapq
 
-    def _odometry_gate(self, keyframe: Keyframe, loop: LoopClosure) -> str | None:
-        """Fill the loop's drift fields; return a rejection reason if it disagrees too much with odometry."""
-        match = self.database.get(loop.match_id)
-        if not loop.metric or keyframe.T_map_camera is None or match.T_map_camera is None:
+        if source_position is not None:
+            start, T_start_query, start_distance = source_position, np.eye(4), 0.0
+        else:
+            if not len(self.database) or keyframe.T_map_camera is None:
+                return {}
+            start = len(self.database) - 1
+            last = self.database.keyframes[start]
+            if last.T_map_camera is None:
+                return {}
+            T_start_query = np.linalg.inv(last.T_map_camera) @ keyframe.T_map_camera
+            start_distance = float(np.linalg.norm(T_start_query[:3, 3]))
+        best: dict[int, float] = {start: start_distance}
+        transforms = {start: T_start_query}
+        heap = [(start_distance, start)]
+        done: dict[int, tuple[np.ndarray, float]] = {}
+        remaining = set(targets)
+        while heap and remaining:
+            distance, node = heapq.heappop(heap)
+            if node in done or distance > best.get(node, np.inf):
+                continue
+            done[node] = (transforms[node], distance)
+            remaining.discard(node)
+            for neighbour, T_neighbour_node, length in self._neighbours[node]:
+                candidate_distance = distance + length
+                if candidate_distance < best.get(neighbour, np.inf):
+                    best[neighbour] = candidate_distance
+                    transforms[neighbour] = T_neighbour_node @ transforms[node]
+                    heapq.heappush(heap, (candidate_distance, neighbour))
+        return {position: done[position] for position in targets if position in done}
+
+    def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
+        """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
+        with odometry (+ earlier loops) by more than the drift allowed along the shortest path."""
+        if not loop.metric or prediction is None:
             return None
-        predicted = match.T_map_camera @ loop.T_match_query
-        discrepancy = np.linalg.inv(keyframe.T_map_camera) @ predicted
-        loop.drift_translation_m = float(np.linalg.norm(predicted[:3, 3] - keyframe.T_map_camera[:3, 3]))
-        loop.drift_rotation_deg = float(np.degrees(np.arccos(np.clip((np.trace(discrepancy[:3, :3]) - 1) / 2, -1, 1))))
-        loop.path_length_m = self._path_length_to(keyframe) - self._path_length[self.database.position_of(match.id)]
+        T_predicted, path_length = prediction
+        loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
+        loop.drift_rotation_deg = _rotation_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
+        loop.path_length_m = float(path_length)
         if not self.config.odometry_gate:
             return None
-        max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * loop.path_length_m
-        max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * loop.path_length_m
+        max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
+        max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
         if loop.drift_translation_m > max_translation or loop.drift_rotation_deg > max_rotation:
             return (f"inconsistent with odometry: moves the keyframe {loop.drift_translation_m:.2f} m / "
-                    f"{loop.drift_rotation_deg:.1f} deg after {loop.path_length_m:.1f} m of travel (allowed "
+                    f"{loop.drift_rotation_deg:.1f} deg over a {path_length:.1f} m graph path (allowed "
                     f"{max_translation:.2f} m / {max_rotation:.1f} deg; repetitive structure?)")
         return None
 
@@ -392,7 +522,8 @@ class LoopClosureEngine:
 
     # -------------------------------------------------------------------- verification
     def _verify(self, keyframe: Keyframe, features: Features, candidates: list[Candidate],
-                timing: dict[str, float], check_odometry: bool = True) -> list[LoopClosure]:
+                timing: dict[str, float], check_odometry: bool = True, source_position: int | None = None
+                ) -> list[LoopClosure]:
         stored = [self.database.keyframes[c.position] for c in candidates]
         start = time.perf_counter()
         device = self.pipeline.device
@@ -401,6 +532,8 @@ class LoopClosureEngine:
             torch.cuda.synchronize(device)
         timing["match"] = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
+        predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
+                       if check_odometry else {})
         results = []
         for rank, (candidate, match_kf, matches) in enumerate(zip(candidates, stored, all_matches)):
             pose = verify_pair(keyframe, match_kf, matches.matches, self.pipeline.config.pose)
@@ -412,15 +545,11 @@ class LoopClosureEngine:
                 loop.points_query, loop.points_match = keyframe.keypoints[pairs[:, 0]], match_kf.keypoints[pairs[:, 1]]
                 loop.match_scores = np.asarray(matches.scores, np.float32)
                 loop.inlier_mask = np.asarray(pose.inliers, bool)
-                if loop.num_inliers < self.config.min_inliers:
-                    loop.reason = f"too few inliers: {loop.num_inliers} < min_inliers={self.config.min_inliers}"
-                elif loop.inlier_ratio < self.config.min_inlier_ratio:
-                    loop.reason = (f"inlier ratio {loop.inlier_ratio:.2f} < min_inlier_ratio="
-                                   f"{self.config.min_inlier_ratio}")
-                elif check_odometry and (gate := self._odometry_gate(keyframe, loop)):
-                    loop.reason = gate
-                else:
-                    loop.accepted, loop.reason = True, "ok"
+                loop.reason = (self._check_geometry(keyframe, match_kf, matches.matches[pose.inliers], loop)
+                               or (self._odometry_gate(loop, predictions.get(candidate.position))
+                                   if check_odometry else None)
+                               or "ok")
+                loop.accepted = loop.reason == "ok"
             else:
                 loop.reason = f"geometric verification failed: {pose.reason}"
             results.append(loop)
@@ -437,9 +566,38 @@ class LoopClosureEngine:
         timing: dict[str, float] = {}
         loops = []
         if candidates:
-            loops = self._verify(keyframe, keyframe.to_features(self.pipeline.device), candidates, timing)
+            loops = self._verify(keyframe, keyframe.to_features(self.pipeline.device), candidates, timing,
+                                 source_position=self.database.position_of(query_id))
         timing["total"] = (time.perf_counter() - start_total) * 1e3
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok" if loops else "no candidates", timing)
+
+    def _check_geometry(self, query: Keyframe, candidate: Keyframe, inlier_matches: np.ndarray,
+                        loop: LoopClosure) -> str | None:
+        """Acceptance checks on a geometrically verified pair; fills the loop's diagnostics, returns a reason."""
+        config = self.config
+        loop.inlier_coverage = min(
+            inlier_coverage(query.keypoints[inlier_matches[:, 0]], query.image_size, config.coverage_grid),
+            inlier_coverage(candidate.keypoints[inlier_matches[:, 1]], candidate.image_size, config.coverage_grid))
+        if loop.method == "pnp":
+            loop.depth_agreement = depth_agreement(query, candidate, inlier_matches, loop.T_match_query,
+                                                   config.depth_tolerance_rel, config.depth_tolerance_abs_m)
+            loop.median_residual_px = median_reprojection_residual(query, candidate, inlier_matches,
+                                                                   loop.T_match_query)
+        if loop.num_inliers < config.min_inliers:
+            return f"too few inliers: {loop.num_inliers} < min_inliers={config.min_inliers}"
+        if loop.inlier_ratio < config.min_inlier_ratio:
+            return f"inlier ratio {loop.inlier_ratio:.2f} < min_inlier_ratio={config.min_inlier_ratio}"
+        if loop.inlier_coverage < config.min_inlier_coverage:
+            return (f"inliers clustered: cover {loop.inlier_coverage:.2f} of the {config.coverage_grid}x"
+                    f"{config.coverage_grid} grid < min_inlier_coverage={config.min_inlier_coverage}")
+        residual_limit = config.max_median_residual_ratio * self.pipeline.config.pose.pnp_threshold_px
+        if loop.median_residual_px is not None and loop.median_residual_px > residual_limit:
+            return (f"reprojection residuals too large: median {loop.median_residual_px:.2f} px > "
+                    f"{residual_limit:.2f} px (max_median_residual_ratio x pnp_threshold_px)")
+        if loop.depth_agreement is not None and loop.depth_agreement < config.min_depth_agreement:
+            return (f"depth inconsistent: {loop.depth_agreement:.2f} of the inliers have the predicted depth < "
+                    f"min_depth_agreement={config.min_depth_agreement}")
+        return None
 
     def detect_loops(self, keyframe: Keyframe, features: Features, exclude_ids: set[int] | None = None,
                      timing: dict[str, float] | None = None) -> KeyframeResult:
@@ -455,13 +613,41 @@ class LoopClosureEngine:
             reason = "database empty" if not len(self.database) else "no eligible candidates outside the exclusion window"
             return KeyframeResult(keyframe.id, keyframe.stamp_ns, [], reason, timing)
         loops = self._verify(keyframe, features, candidates, timing)
+        self._reject_ambiguous(loops)
         self._apply_temporal_consistency(loops)
         accepted = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
         for extra in accepted[self.config.max_loops_per_keyframe:]:
             extra.accepted = False
             extra.reason = f"another candidate of this keyframe has more inliers (max_loops_per_keyframe=" \
                            f"{self.config.max_loops_per_keyframe})"
+        self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c.T_match_query)
+                                            for c in accepted[:self.config.max_loops_per_keyframe] if c.metric]
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok", timing)
+
+    def _same_place(self, a: LoopClosure, b: LoopClosure) -> bool:
+        """Two verified candidates agree on where the query is: their keyframes are neighbours in the database, or
+        both loops are metric and each passed the odometry gate (so both agree with the same odometry)."""
+        if abs(self.database.position_of(a.match_id) - self.database.position_of(b.match_id)) <= \
+                self.config.consistency_window:
+            return True
+        gated = self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b))
+        return gated
+
+    def _reject_ambiguous(self, loops: list[LoopClosure]) -> None:
+        """Reject every candidate when a runner-up at another place verifies nearly as well (ambiguity_ratio)."""
+        verified = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        if len(verified) < 2 or self.config.ambiguity_ratio >= 1.0:
+            return
+        best = verified[0]
+        rival = next((c for c in verified[1:] if c.num_inliers >= self.config.ambiguity_ratio * best.num_inliers
+                      and not self._same_place(best, c)), None)
+        if rival is None:
+            return
+        for loop in verified:
+            loop.accepted = False
+            loop.reason = (f"ambiguous: keyframes {best.match_id} ({best.num_inliers} inliers) and {rival.match_id} "
+                           f"({rival.num_inliers}) at different places both verify (ambiguity_ratio="
+                           f"{self.config.ambiguity_ratio})")
 
     def _apply_temporal_consistency(self, loops: list[LoopClosure]) -> None:
         """ORB-SLAM-style covisibility consistency, on keyframe order: a candidate is accepted once each of the
@@ -507,6 +693,20 @@ class LoopClosureEngine:
                 loop.accepted = False
                 loop.reason = "no depth in the image or the keyframe: translation scale unknown (monocular)"
         accepted = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        if len(accepted) > 1:  # ambiguity: a runner-up verifying nearly as well puts the query somewhere else
+            T_best = self.database.get(accepted[0].match_id).T_map_camera @ accepted[0].T_match_query
+            for rival in accepted[1:]:
+                if rival.num_inliers < self.config.ambiguity_ratio * accepted[0].num_inliers:
+                    break
+                T_rival = self.database.get(rival.match_id).T_map_camera @ rival.T_match_query
+                if (np.linalg.norm(T_rival[:3, 3] - T_best[:3, 3]) > self.config.max_drift_abs_m
+                        or _rotation_deg(T_rival[:3, :3].T @ T_best[:3, :3]) > self.config.max_drift_abs_deg):
+                    for loop in accepted:
+                        loop.accepted = False
+                        loop.reason = (f"ambiguous: keyframes {accepted[0].match_id} and {rival.match_id} put the "
+                                       f"image at different map poses with similar support")
+                    accepted = []
+                    break
         if not accepted:
             reasons = "; ".join(f"kf {c.match_id}: {c.reason}" for c in loops)
             return Relocalization(False, f"no candidate verified ({reasons})", candidates=loops, timing_ms=timing)
@@ -542,9 +742,11 @@ class LoopClosureEngine:
                                  f"{stored.get('codebook_sha256')}; the engine uses {self.database.kind} "
                                  f"{self.codebook_sha256} (global descriptors would not be comparable)")
         self.database = database
-        self._path_length = []
-        for keyframe in database.keyframes:  # rebuild the path bookkeeping in database order
-            self._path_length.append(self._path_length_to_position(len(self._path_length)))
+        # Rebuild the odometry graph in database order (loop edges are not persisted: the backend owns them).
+        self._neighbours = [[] for _ in database.keyframes]
+        self._pending_loops = {}
+        for position in range(1, len(database.keyframes)):
+            self._add_odometry_edge(position - 1, database.keyframes[position - 1], database.keyframes[position])
         self._next_id = max((k.id for k in database.keyframes), default=-1) + 1
         return manifest
 

@@ -33,6 +33,8 @@ def pipeline():
 
 
 def _engine(pipeline, **overrides) -> LoopClosureEngine:
+    """Single-pair engine: temporal consistency off unless a test asks for it (one query per place here)."""
+    overrides.setdefault("temporal_consistency", 1)
     retrieval = RetrievalConfig(top_k=3, exclude_recent_seconds=5.0, exclude_recent_count=0)
     return LoopClosureEngine(pipeline, EngineConfig(retrieval=retrieval, min_inliers=30, min_inlier_ratio=0.3,
                                                     **overrides))
