@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "feature_matching_ros.commands.make_pairs",
     "feature_matching_ros.commands.train_codebook",
     "feature_matching_ros.commands.evaluate",
+    "feature_matching_ros.commands.demo",
 )
 
 

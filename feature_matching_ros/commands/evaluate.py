@@ -45,41 +45,55 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def evaluate_bag(bag: Path, presets: list[str], report: Path, topics, gt_loops: Path | None = None,
+                 keyframe_every: int = 1, max_frames: int | None = None, reloc_queries: int = 20,
+                 device: str = "cpu") -> dict:
+    """Run every preset over the bag's keyframes and write the report; returns the written metrics dict."""
     import torch
 
-    from feature_matching_ros.bag import SequenceTopics
     from feature_matching_ros.eval.loop_eval import evaluate_preset, ground_truth_loops, load_frames
     from feature_matching_ros.eval.report import write_report
 
-    if args.keyframe_every < 1:
+    if keyframe_every < 1:
         raise SystemExit("--keyframe-every must be >= 1")
-    topics = SequenceTopics(image=args.image_topic, depth="" if args.no_depth else args.depth_topic,
-                            camera_info=args.camera_info_topic, ground_truth=args.pose_topic,
-                            odometry=args.odom_topic)
     start = time.perf_counter()
-    frames = load_frames(args.bag, topics, args.keyframe_every, args.max_frames, None)
-    gt, gt_source = ground_truth_loops(frames, args.bag, args.gt_loops)
-    LOG.info("%d keyframes from %s; %d GT loop pairs (%s)", len(frames), args.bag, len(gt), gt_source)
+    frames = load_frames(bag, topics, keyframe_every, max_frames, None)
+    gt, gt_source = ground_truth_loops(frames, bag, gt_loops)
+    LOG.info("%d keyframes from %s; %d GT loop pairs (%s)", len(frames), bag, len(gt), gt_source)
     skipped = {}
     if not gt:
-        skipped["loop_precision_recall"] = "no ground-truth loops"
+        skipped["loop_precision_recall"] = "no ground-truth loops (no --gt-loops, no loops.json, no poses+depth)"
     if all(f.depth is None for f in frames):
-        skipped["metric_loops"] = "no depth: loops are monocular (essential matrix, scale unknown)"
+        skipped["metric_loops"] = (f"no depth on {topics.depth or '(--no-depth)'}: loops are monocular (essential "
+                                   "matrix, scale unknown), no depth consistency check, no relocalization, "
+                                   "no loop factors in the metric pose graph")
     if any(f.T_gt is None for f in frames):
-        skipped["pose_errors_relocalization_ate"] = f"no ground-truth poses on {args.pose_topic}"
+        skipped["pose_errors_relocalization_ate"] = (f"no ground-truth poses on {topics.ground_truth}: loop "
+                                                     "correctness from the GT loop set only, no pose errors/AUC, "
+                                                     "no relocalization accuracy, no ATE")
     if any(f.T_odom is None for f in frames):
-        skipped["ate"] = f"no odometry on {args.odom_topic}"
-    presets = [args.config] + [p for p in args.compare if p != args.config]
+        skipped["odometry_gate_ate"] = (f"no odometry on {topics.odometry}: the engine's odometry gate cannot "
+                                        "run, no pose graph, no ATE")
     runs = {}
     for preset in presets:
-        runs[preset] = evaluate_preset(preset, frames, gt, args.device, args.reloc_queries)
+        runs[preset] = evaluate_preset(preset, frames, gt, device, reloc_queries)
         loop = runs[preset]["loop"]
         LOG.info("[%s] precision %s recall %s false positives %d, max recall@100%%P %.3f", preset,
                  loop["precision"], loop["recall"], loop["false_positives"], loop["max_recall_at_100_precision"])
-    header = {"bag": str(args.bag), "keyframes": len(frames), "keyframe_every": args.keyframe_every,
-              "gt_loops": len(gt), "gt_source": gt_source, "skipped": skipped, "device": args.device,
+    header = {"bag": str(bag), "keyframes": len(frames), "keyframe_every": keyframe_every,
+              "gt_loops": len(gt), "gt_source": gt_source, "skipped": skipped, "device": device,
               "torch_threads": torch.get_num_threads(), "wall_time_s": round(time.perf_counter() - start, 1)}
-    write_report(runs, header, args.report)
+    return write_report(runs, header, report)
+
+
+def run(args: argparse.Namespace) -> int:
+    from feature_matching_ros.bag import SequenceTopics
+
+    topics = SequenceTopics(image=args.image_topic, depth="" if args.no_depth else args.depth_topic,
+                            camera_info=args.camera_info_topic, ground_truth=args.pose_topic,
+                            odometry=args.odom_topic)
+    presets = [args.config] + [p for p in args.compare if p != args.config]
+    evaluate_bag(args.bag, presets, args.report, topics, args.gt_loops, args.keyframe_every, args.max_frames,
+                 args.reloc_queries, args.device)
     print(args.report / "metrics.json")
     return 0

@@ -11,6 +11,18 @@ odometry topic (what a SLAM frontend would hand over). What is measured, per pre
   * latency per stage (percentiles);
   * ATE RMSE (Umeyama SE3; Sim3 when no loop is metric) of odometry before and after a GTSAM pose graph with
     the accepted loops.
+Which detections count as correct (``judge_loop``; also written to metrics.json "loop.correctness"):
+the GT loop set (loops.json / --gt-loops) is strict: pairs closer than the scene's loop distance with
+view overlap >= 0.3. A verified loop between two frames farther apart that still see the same surfaces is a
+correct loop for a backend if its relative pose is right, so when GT poses are known:
+  * WRONG POSE -> always false, in the GT set or not: metric loops with translation error > 0.5 m or
+    rotation error > 5 deg; monocular loops with rotation error > 5 deg, or a translation direction error
+    > 10 deg when the true baseline is >= 0.5 m (shorter baselines leave the direction undefined);
+  * correct pose and in the GT set -> true;
+  * correct pose, not in the GT set, and view overlap >= 0.1 in both directions (depth-checked, the GT
+    labeller's definition with a lower bound: "they see a common surface") -> true ("overlap");
+  * otherwise (correct pose but no depth to prove overlap, or no overlap) -> false.
+Without GT poses only the GT set decides. The thresholds are fixed here, never taken from a run.
 Ground truth loops: ``--gt-loops`` JSON ([query_index, match_index] pairs, 0-based image indices), else
 ``loops.json`` next to the bag directory (written by ``fmr make-sequence``), else derived from poses and
 depth (distance + view overlap, ``scenes.loops.label_loops``). Missing inputs skip what needs them, and
@@ -90,6 +102,66 @@ def _relative_gt(frames_by_index: dict[int, EvalFrame], query: int, match: int) 
     return np.linalg.inv(m.T_gt) @ q.T_gt
 
 
+@dataclass(frozen=True)
+class LoopJudgement:
+    correct: bool
+    label: str  # gt | overlap | wrong_pose | not_in_gt | no_overlap
+    translation_error_m: float | None = None
+    rotation_error_deg: float | None = None
+    direction_error_deg: float | None = None
+    overlap: float | None = None
+
+
+CORRECTNESS = {"max_translation_error_m": 0.5, "max_rotation_error_deg": 5.0,
+               "max_direction_error_deg": 10.0, "direction_judged_above_baseline_m": 0.5, "min_overlap": 0.1,
+               "definition": "see feature_matching_ros/eval/loop_eval.py docstring: a wrong relative pose is "
+                             "always false; a correct pose is true if in the GT set or (GT poses and depth) the "
+                             "two views overlap >= min_overlap in both directions; without GT poses only the "
+                             "GT set decides"}
+
+
+def judge_loop(loop, frames_by_index: dict[int, EvalFrame], gt: set[tuple[int, int]],
+               overlap_cache: dict[tuple[int, int], float] | None = None) -> LoopJudgement:
+    """Is an accepted (or best) loop a correct detection? Rules in the module docstring / ``CORRECTNESS``."""
+    in_gt = (loop.query_id, loop.match_id) in gt
+    T_gt = _relative_gt(frames_by_index, loop.query_id, loop.match_id)
+    if T_gt is None:
+        return LoopJudgement(in_gt, "gt" if in_gt else "not_in_gt")
+    rotation_error, direction_error = relative_pose_error_deg(loop.T_match_query, T_gt)
+    translation_error = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_gt[:3, 3])) if loop.metric else None
+    baseline = float(np.linalg.norm(T_gt[:3, 3]))
+    if loop.metric:
+        wrong = translation_error > CORRECTNESS["max_translation_error_m"]
+    else:
+        wrong = (baseline >= CORRECTNESS["direction_judged_above_baseline_m"]
+                 and direction_error > CORRECTNESS["max_direction_error_deg"])
+    wrong = wrong or rotation_error > CORRECTNESS["max_rotation_error_deg"]
+    errors = {"translation_error_m": translation_error, "rotation_error_deg": rotation_error,
+              "direction_error_deg": direction_error}
+    if wrong:
+        return LoopJudgement(False, "wrong_pose", **errors)
+    if in_gt:
+        return LoopJudgement(True, "gt", **errors)
+    q, m = frames_by_index[loop.query_id], frames_by_index[loop.match_id]
+    if q.depth is None or m.depth is None:
+        return LoopJudgement(False, "not_in_gt", **errors)
+    key = (loop.query_id, loop.match_id)
+    if overlap_cache is None or key not in overlap_cache:
+        from feature_matching_ros.scenes.loops import scale_intrinsics, view_overlap
+
+        step = 4
+        K = scale_intrinsics(q.K, step)
+        a, b = q.depth[::step, ::step], m.depth[::step, ::step]
+        value = min(view_overlap(a, K, q.T_gt, b, K, m.T_gt, stride=2), view_overlap(b, K, m.T_gt, a, K, q.T_gt, stride=2))
+        if overlap_cache is None:
+            return LoopJudgement(value >= CORRECTNESS["min_overlap"], "overlap" if value >= CORRECTNESS["min_overlap"]
+                                 else "no_overlap", overlap=value, **errors)
+        overlap_cache[key] = value
+    value = overlap_cache[key]
+    ok = value >= CORRECTNESS["min_overlap"]
+    return LoopJudgement(ok, "overlap" if ok else "no_overlap", overlap=value, **errors)
+
+
 def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int]], device: str,
                     reloc_queries: int, override: dict[str, Any] | None = None) -> dict[str, Any]:
     from feature_matching_ros.relocalizer import build_engine
@@ -115,32 +187,39 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
             if pm < pq - retrieval.exclude_recent_count and in_time:
                 reachable.setdefault(q, set()).add(m)
     gt_queries = {q for q, _ in gt if q in positions}
-    # PR sweep: per query, the best geometrically verified candidate passing the ratio test, scored by inliers.
+    # PR sweep: per query, the best candidate passing every check except the inlier count (the swept score).
+    overlap_cache: dict[tuple[int, int], float] = {}
     scores, correct = [], []
-    accepted, false_positives = [], []
+    accepted, false_positives, judgements = [], [], {}
+    threshold_reasons = ("ok", "too few inliers", "awaiting temporal consistency", "another candidate")
     for result in results:
-        verified = [c for c in result.candidates if c.geometry_ok and c.inlier_ratio >= engine.config.min_inlier_ratio
-                    and not c.reason.startswith("inconsistent with odometry")]
+        verified = [c for c in result.candidates if c.geometry_ok and c.reason.startswith(threshold_reasons)]
         best = max(verified, key=lambda c: c.num_inliers, default=None)
         scores.append(best.num_inliers if best else -np.inf)
-        correct.append(bool(best and (best.query_id, best.match_id) in gt))
+        correct.append(bool(best) and judge_loop(best, frames_by_index, gt, overlap_cache).correct)
         for loop in result.accepted:
             accepted.append(loop)
-            if (loop.query_id, loop.match_id) not in gt:
+            judgement = judge_loop(loop, frames_by_index, gt, overlap_cache)
+            judgements[(loop.query_id, loop.match_id)] = judgement
+            if not judgement.correct:
                 q, m = frames_by_index[loop.query_id], frames_by_index[loop.match_id]
                 distance = (float(np.linalg.norm(q.T_gt[:3, 3] - m.T_gt[:3, 3]))
                             if q.T_gt is not None and m.T_gt is not None else None)
                 false_positives.append({"query_index": loop.query_id, "match_index": loop.match_id,
                                         "num_inliers": loop.num_inliers, "inlier_ratio": round(loop.inlier_ratio, 3),
-                                        "gt_distance_m": distance, "method": loop.method})
-    true_positive_queries = {l.query_id for l in accepted if (l.query_id, l.match_id) in gt}
+                                        "gt_distance_m": distance, "method": loop.method, "why": judgement.label,
+                                        "translation_error_m": judgement.translation_error_m,
+                                        "rotation_error_deg": judgement.rotation_error_deg,
+                                        "overlap": judgement.overlap, "in_gt_set": (loop.query_id, loop.match_id) in gt})
+    true_positive_queries = {l.query_id for l in accepted if judgements[(l.query_id, l.match_id)].correct}
     detected_queries = {l.query_id for l in accepted}
     curve = precision_recall_curve(np.array(scores), np.array(correct), len(reachable))
-    # Relative pose errors of accepted true loops.
+    labels: dict[str, int] = {}
+    for judgement in judgements.values():
+        labels[judgement.label] = labels.get(judgement.label, 0) + 1
+    # Relative pose errors of accepted correct loops (AUC: every accepted loop, wrong ones included).
     errors, rotation_errors, translation_errors_m = [], [], []
     for loop in accepted:
-        if (loop.query_id, loop.match_id) not in gt:
-            continue
         T_gt = _relative_gt(frames_by_index, loop.query_id, loop.match_id)
         if T_gt is None:
             continue
@@ -169,12 +248,14 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
             "recall_note": "over queries with at least one GT loop outside the engine's exclusion window",
             "accepted": len(accepted), "true_positives": len(accepted) - len(false_positives),
             "false_positives": len(false_positives), "false_positive_list": false_positives,
+            "accepted_labels": labels, "correctness": CORRECTNESS,
             "queries_with_gt_loop": len(gt_queries), "queries_with_reachable_gt_loop": len(reachable),
             "max_recall_at_100_precision": curve.max_recall_at_100_precision,
             "inlier_threshold_at_max_recall_100": curve.threshold_at_max_recall_100,
             "pr_curve": curve.to_dict(),
             "rejection_reasons": rejection_reasons,
-            "pose_error": {"count": len(errors), **pose_auc(errors),
+            "pose_error": {"count": len(errors), "over": "every accepted loop with GT poses (max of rotation and "
+                           "translation-direction error, deg)", **pose_auc(errors),
                            "rotation_deg": percentiles(rotation_errors),
                            "translation_m": percentiles(translation_errors_m)},
         },
