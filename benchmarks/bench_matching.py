@@ -145,7 +145,7 @@ def main() -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--max-keypoints", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--rendered-pairs", type=int, default=16, help="eval pairs from fmr make-pairs (0: none)")
+    parser.add_argument("--rendered-pairs", type=int, default=32, help="eval pairs from fmr make-pairs (0: none)")
     parser.add_argument("--pairs-dir", type=Path, help="existing fmr make-pairs output to use")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
@@ -156,7 +156,7 @@ def main() -> int:
              f"Command: `python {' '.join(sys.argv)}`", ""]
     if not args.skip_accuracy:
         pairs = dev_pairs(args.pairs_dir, args.rendered_pairs)
-        lines += [f"## Accuracy on {len(pairs)} dev pairs, {args.max_keypoints} keypoints, fp32", "",
+        lines += [f"## Accuracy on {len(pairs)} dev pairs, {args.max_keypoints} keypoints, precision auto (fp16 on CUDA, fp32 on CPU)", "",
                   "| detector | descriptor | matcher | matches | precision | inliers | AUC@5 | AUC@10 | AUC@20 |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for detector in DETECTORS:
