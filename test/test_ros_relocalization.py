@@ -411,7 +411,7 @@ def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
                 return values
         return None
     values = harness.wait_for(diagnostics_with_rejections, 5.0, "diagnostics with rejections")
-    assert "latency_ms.extract.p50" in values and "rejected.unsupported_encoding" in values
+    assert "latency_ms.keyframe.extract.p50" in values and "rejected.unsupported_encoding" in values
     assert values["preset"] == "cpu" and int(values["map_keyframes"]) >= 4
 
 

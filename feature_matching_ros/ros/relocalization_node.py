@@ -389,7 +389,7 @@ class RelocalizationNode(Node):
             insert = len(self.engine.database) < self._max_keyframes
             result = self.engine.process_keyframe(frame.image, frame.K, frame.stamp_ns, keyframe_id=frame.keyframe_id,
                                                   T_map_camera=frame.T_map_camera, depth=frame.depth, insert=insert)
-        self._latency.add_all(result.timing_ms)
+        self._latency.add_all({f"keyframe.{k}": v for k, v in result.timing_ms.items()})
         self._count("keyframes_processed")
         if insert:
             self._count("keyframes_stored")
