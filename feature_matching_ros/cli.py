@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "feature_matching_ros.commands.train_codebook",
     "feature_matching_ros.commands.evaluate",
     "feature_matching_ros.commands.demo",
+    "feature_matching_ros.commands.train",
     "feature_matching_ros.commands.replay",
 )
 

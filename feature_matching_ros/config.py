@@ -13,7 +13,7 @@ from typing import Any
 DETECTORS = ("orb", "orb_multiscale", "sift", "aliked", "disk", "xfeat")
 DESCRIPTORS = ("native", "aliked", "disk")
 MATCHERS = ("lightglue", "nn")
-LIGHTGLUE_WEIGHTS = ("official",)
+LIGHTGLUE_WEIGHTS = ("official", "agnostic")  # agnostic: our multi-detector fine-tune (ALIKED descriptors)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -127,6 +127,11 @@ class PipelineConfig:
                     f"matcher=lightglue has no weights for {self.features.descriptor_network} descriptors "
                     f"(detector={self.features.detector}, descriptor={self.features.descriptor}); "
                     "use descriptor=aliked or descriptor=disk with this detector, or matcher=nn"
+                )
+            if self.matcher.weights == "agnostic" and self.features.descriptor_network != "aliked":
+                raise ConfigError(
+                    f"weights=agnostic is LightGlue fine-tuned on ALIKED descriptors; got descriptor="
+                    f"{self.features.descriptor_network} (use descriptor=aliked or weights=official)"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -158,3 +158,59 @@ def _load_exported(folder: Path, name: str) -> dict[str, torch.Tensor]:
     state = {k: (v.float() if v.is_floating_point() else v)
              for k, v in load_safetensors(folder / entry["file"], entry["sha256"]).items()}
     return {entry["nested"]: state} if entry["nested"] else state
+
+
+# Our detector-agnostic fine-tune of ALIKED-LightGlue (feature_matching_ros.training; MODEL_CARD.md beside
+# the files). fp16 safetensors in kornia's key names, sharded (each shard < 16 MiB), sha256 pinned per shard.
+AGNOSTIC_DIR = RESOURCE_DIR / "lightglue"
+AGNOSTIC_SHARDS: dict[str, str] = {  # file name -> sha256
+    "aliked_lightglue_agnostic.0.safetensors": "c0bbb7161cb9a17a4f16e0cf2fdcf05d74f0eda65ef898b67ebce2370f2637ce",
+    "aliked_lightglue_agnostic.1.safetensors": "90ed4a2d53c57fdc67626a5b69970ad5a35ba17c1e3686202d8a2dda3a1be28d",
+}
+
+
+def save_sharded_safetensors(state: dict[str, torch.Tensor], out_dir: Path, stem: str,
+                             max_shard_bytes: int = 15 << 20, dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    """Write ``state`` as ``{stem}.{i}.safetensors`` shards of at most ``max_shard_bytes`` of tensor data.
+
+    Floating tensors are cast to ``dtype``. Returns {file name: sha256} (what :data:`AGNOSTIC_SHARDS` pins).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        value = state[key].detach().cpu()
+        value = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    written = {}
+    for index, shard in enumerate(shards):
+        path = out_dir / f"{stem}.{index}.safetensors"
+        save_file(shard, str(path))
+        written[path.name] = sha256_of(path)
+    return written
+
+
+def load_sharded_safetensors(folder: Path, shards: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Load and merge safetensors shards, each checked against its pinned sha256; floats upcast to fp32."""
+    if not shards:
+        raise WeightsError(f"no weights are pinned for {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for name, sha in shards.items():
+        for key, value in load_safetensors(Path(folder) / name, sha).items():
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
+
+
+def load_agnostic_state_dict() -> dict[str, torch.Tensor]:
+    """Our detector-agnostic ALIKED-LightGlue (kornia key names), from resource/lightglue/ with pinned sha256."""
+    if not AGNOSTIC_SHARDS:
+        raise WeightsError("the detector-agnostic LightGlue weights are not shipped in this build; use weights=official")
+    return load_sharded_safetensors(AGNOSTIC_DIR, AGNOSTIC_SHARDS)

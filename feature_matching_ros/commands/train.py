@@ -1,0 +1,71 @@
+"""``fmr train MODEL``: training commands, one sub-subcommand per model (``lightglue`` now; ``eloftr``,
+``sandesc`` can join by adding a ``_register_<model>`` function to :data:`MODELS`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _register_lightglue(models) -> None:
+    from feature_matching_ros.training.lightglue import TrainConfig
+
+    d = TrainConfig()
+    parser = models.add_parser(
+        "lightglue", help="fine-tune ALIKED-LightGlue to be detector-agnostic (arXiv 2602.08430 recipe)",
+        description="Starts from the official ALIKED-LightGlue; the descriptor network stays frozen; keypoints of "
+                    "several detectors, all described by ALIKED, labelled as glue-factory does. "
+                    "Data: folders from `fmr make-pairs` (and/or MegaDepth scene_info + depth h5).")
+    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
+    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
+    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
+    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
+    parser.add_argument("--cache", help="feature cache folder (default OUT/cache)")
+    parser.add_argument("--detectors", nargs="+", default=list(d.detectors))
+    parser.add_argument("--descriptor", default=d.descriptor, choices=("aliked", "disk"),
+                        help="frozen descriptor network sampled at every detector's keypoints")
+    parser.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--decay-start", type=float, default=d.decay_start, help="fraction of steps at constant lr")
+    parser.add_argument("--final-lr-factor", type=float, default=d.final_lr_factor)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
+    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--export", help="write fp16 safetensors shards of the final model to this folder")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.set_defaults(func=_run_lightglue)
+
+
+def _run_lightglue(args: argparse.Namespace) -> int:
+    from feature_matching_ros.config import DETECTORS
+    from feature_matching_ros.training.lightglue import TrainConfig, train_lightglue
+
+    unknown = [d for d in args.detectors if d not in DETECTORS]
+    if unknown:
+        raise SystemExit(f"unknown detectors {unknown}; allowed: {', '.join(DETECTORS)}")
+    config = TrainConfig(
+        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
+        out=args.out, cache=args.cache, detectors=tuple(args.detectors), descriptor=args.descriptor,
+        max_keypoints=args.max_keypoints, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        decay_start=args.decay_start, final_lr_factor=args.final_lr_factor, device=args.device,
+        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every, export=args.export)
+    train_lightglue(config, resume=args.resume)
+    return 0
+
+
+MODELS = (_register_lightglue,)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train models (lightglue)",
+                                   description="Training commands; see `fmr train MODEL --help`.")
+    models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for register_model in MODELS:
+        register_model(models)
