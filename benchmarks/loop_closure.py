@@ -98,8 +98,8 @@ def main() -> int:
     command = "python " + " ".join(sys.argv)
     started = time.perf_counter()
     rows = []
-    for scene in args.scenes:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: every scene appears early in an interrupted run
+        for scene in args.scenes:
             name = f"{scene}_s{seed}"
             directory = args.work / f"{name}_{args.frames}f_{args.width}x{args.height}"
             report = args.work / f"report_{name}_{args.frames}f_{args.width}x{args.height}_kf{args.keyframe_every}"

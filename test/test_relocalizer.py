@@ -14,7 +14,7 @@ from feature_matching_ros.presets import build_configs, get_preset, preset_names
 from feature_matching_ros.relocalizer import (EngineConfig, LoopClosureEngine, invert_relative_pose,
                                               pose_from_points3d)
 from feature_matching_ros.retrieval import MapFormatError
-from feature_matching_ros.retrieval.database import RetrievalConfig
+from feature_matching_ros.retrieval.database import Keyframe, RetrievalConfig
 
 SECOND = 1_000_000_000
 
@@ -189,3 +189,41 @@ def test_presets_build_and_validate():
         build_configs("cpu", {"engine": {"min_inlier": 3}})
     with pytest.raises(ConfigError, match="min_inlier_ratio"):
         build_configs("cpu", {"engine": {"min_inlier_ratio": 2.0}})
+
+
+def _pose(x: float, y: float, yaw_deg: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_euler("y", yaw_deg, degrees=True).as_matrix()
+    T[:3, 3] = [x, y, 0.0]
+    return T
+
+
+def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
+    """The odometry gate's prediction along the keyframe graph equals the backend's relative pose, and an
+    accepted loop becomes a zero-length shortcut (drift is measured since the last closure)."""
+    engine = _engine(pipeline)
+    dim = engine.codebook.dim
+    poses = [_pose(0, 0, 0), _pose(1, 0, 20), _pose(2, 1, 60), _pose(2, 2, 120), _pose(1, 3, 170)]
+    for i, T in enumerate(poses):
+        engine.insert(Keyframe(i, i * SECOND, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8),
+                               np.zeros(0, np.float16), (640, 480), "orb", np.eye(3), np.ones(dim, np.float32), T))
+    query = Keyframe(9, 9 * SECOND, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8),
+                     np.zeros(0, np.float16), (640, 480), "orb", np.eye(3), np.ones(dim, np.float32),
+                     _pose(0.5, 3.5, 200))
+    predicted = engine._predict_from_graph(query, {0, 2})
+    for position in (0, 2):
+        assert np.allclose(predicted[position][0], np.linalg.inv(poses[position]) @ query.T_map_camera)
+    path_to_0 = predicted[0][1]
+    assert path_to_0 == pytest.approx(sum(np.linalg.norm(poses[i + 1][:3, 3] - poses[i][:3, 3]) for i in range(4))
+                                      + np.linalg.norm(query.T_map_camera[:3, 3] - poses[4][:3, 3]))
+    # keyframe 5 closes a loop to keyframe 0 (measured pose = backend's): the query's path to 0 now goes through it
+    engine._pending_loops[5] = [(0, np.linalg.inv(poses[0]) @ _pose(0.2, 0.1, 10))]
+    engine.insert(Keyframe(5, 5 * SECOND, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8),
+                           np.zeros(0, np.float16), (640, 480), "orb", np.eye(3), np.ones(dim, np.float32),
+                           _pose(0.2, 0.1, 10)))
+    query.T_map_camera = _pose(0.3, 0.1, 15)
+    T_pred, path = engine._predict_from_graph(query, {0})[0]
+    assert path == pytest.approx(0.1, abs=1e-6)
+    assert np.allclose(T_pred, np.linalg.inv(poses[0]) @ query.T_map_camera)
