@@ -73,3 +73,12 @@ def test_ate_of_a_known_offset():
     estimated[::2, 0, 3] += 0.1  # alternate +0.1 / 0 along x: after alignment the best shift is 0.05
     ate = absolute_trajectory_error(estimated, gt)
     assert ate["rmse"] == pytest.approx(0.05, abs=2e-3)
+
+
+def test_recall_counts_only_positive_queries():
+    from feature_matching_ros.eval.metrics import precision_recall_curve
+
+    # three correct detections, but only one query has a reachable GT loop: recall is 1, never 3
+    curve = precision_recall_curve(np.array([10.0, 9.0, 8.0]), np.array([True, True, True]), 1,
+                                   np.array([False, True, False]))
+    assert curve.max_recall_at_100_precision == 1.0 and max(curve.recall) == 1.0 and curve.precision == [1.0] * 3

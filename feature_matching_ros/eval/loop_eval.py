@@ -213,7 +213,8 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
                                         "overlap": judgement.overlap, "in_gt_set": (loop.query_id, loop.match_id) in gt})
     true_positive_queries = {l.query_id for l in accepted if judgements[(l.query_id, l.match_id)].correct}
     detected_queries = {l.query_id for l in accepted}
-    curve = precision_recall_curve(np.array(scores), np.array(correct), len(reachable))
+    curve = precision_recall_curve(np.array(scores), np.array(correct), len(reachable),
+                                   np.array([r.keyframe_id in reachable for r in results]))
     labels: dict[str, int] = {}
     for judgement in judgements.values():
         labels[judgement.label] = labels.get(judgement.label, 0) + 1

@@ -61,12 +61,15 @@ class PrecisionRecall:
         return asdict(self)
 
 
-def precision_recall_curve(scores: np.ndarray, correct: np.ndarray, num_positive_queries: int) -> PrecisionRecall:
+def precision_recall_curve(scores: np.ndarray, correct: np.ndarray, num_positive_queries: int,
+                           positive: np.ndarray | None = None) -> PrecisionRecall:
     """Per-query detections: ``scores[i]`` (e.g. inliers of the query's best verified candidate, -inf if none),
     ``correct[i]`` whether that candidate is a true loop. A threshold s predicts the queries with score >= s;
-    recall = true positives / ``num_positive_queries`` (queries that have at least one true loop)."""
+    recall = true positives among the ``positive`` queries (default: all) / ``num_positive_queries`` (queries
+    that have at least one true loop), so a correct detection outside the positive set never pushes recall > 1."""
     scores = np.asarray(scores, np.float64)
     correct = np.asarray(correct, bool)
+    positive = np.ones(len(correct), bool) if positive is None else np.asarray(positive, bool)
     finite = np.isfinite(scores)
     thresholds = np.unique(scores[finite])[::-1]  # descending
     precision, recall = [], []
@@ -75,7 +78,7 @@ def precision_recall_curve(scores: np.ndarray, correct: np.ndarray, num_positive
         predicted = finite & (scores >= threshold)
         tp = int((predicted & correct).sum())
         p = tp / max(int(predicted.sum()), 1)
-        r = tp / num_positive_queries if num_positive_queries else 0.0
+        r = int((predicted & correct & positive).sum()) / num_positive_queries if num_positive_queries else 0.0
         precision.append(p)
         recall.append(r)
         if p == 1.0 and r >= best_recall:
