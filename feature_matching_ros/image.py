@@ -77,7 +77,9 @@ class PreparedImage:
     @cached_property
     def tensor(self) -> torch.Tensor:
         """``(1, 3, h, w)`` float32 RGB in [0, 1] on the device."""
-        return torch.from_numpy(self.rgb).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
+        # Frames decoded zero-copy from ROS messages or bags are read-only; torch needs a writable buffer.
+        rgb = self.rgb if self.rgb.flags.writeable else self.rgb.copy()
+        return torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
 
     @property
     def size(self) -> tuple[int, int]:
