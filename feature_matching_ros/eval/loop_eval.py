@@ -177,15 +177,10 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
             LOG.info("[%s] %d/%d keyframes, %.0f ms/keyframe", preset, number + 1, len(frames),
                      (time.perf_counter() - start) / (number + 1) * 1e3)
     # Which GT loops could the engine report at all (match already in the map and outside the exclusion window)?
-    retrieval = engine.config.retrieval
+    from feature_matching_ros.eval.loop_detection import reachable_loops
+
     positions = {f.index: i for i, f in enumerate(frames)}
-    reachable: dict[int, set[int]] = {}
-    for q, m in gt:
-        if q in positions and m in positions:
-            pq, pm = positions[q], positions[m]
-            in_time = abs(frames[pq].stamp_ns - frames[pm].stamp_ns) >= retrieval.exclude_recent_seconds * 1e9
-            if pm < pq - retrieval.exclude_recent_count and in_time:
-                reachable.setdefault(q, set()).add(m)
+    reachable = reachable_loops(frames, gt, engine.config.retrieval)
     gt_queries = {q for q, _ in gt if q in positions}
     # PR sweep: per query, the best candidate passing every check except the inlier count (the swept score).
     overlap_cache: dict[tuple[int, int], float] = {}
