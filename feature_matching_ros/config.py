@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DETECTORS = ("orb", "orb_multiscale", "sift", "aliked", "disk", "xfeat")
-DESCRIPTORS = ("native", "aliked", "disk")
+DESCRIPTORS = ("native", "aliked", "disk", "sandesc")  # sandesc: our trained SANDESC, weights per detector
 MATCHERS = ("lightglue", "nn")
 LIGHTGLUE_WEIGHTS = ("official", "agnostic")  # agnostic: our multi-detector fine-tune (ALIKED descriptors)
 DEVICES = ("auto", "cpu", "cuda")

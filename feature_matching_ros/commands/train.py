@@ -60,11 +60,69 @@ def _run_lightglue(args: argparse.Namespace) -> int:
     return 0
 
 
-MODELS = (_register_lightglue,)
+def _register_sandesc(models) -> None:
+    from feature_matching_ros.config import DETECTORS
+    from feature_matching_ros.training.sandesc import TrainConfig
+
+    d = TrainConfig()
+    parser = models.add_parser(
+        "sandesc", help="train the SANDESC descriptor network on one detector's keypoints",
+        description="U-Net descriptor network (feature_matching_ros/models/sandesc.py) trained from scratch with "
+                    "the modified triplet loss (random -> hardest negative curriculum) on GT correspondences "
+                    "between the chosen detector's keypoints. Data: folders from `fmr make-pairs` (and/or "
+                    "MegaDepth scene_info + depth h5). --export DIR writes DIR/sandesc_<detector>.safetensors, "
+                    "the file `descriptor: sandesc` loads from resource/sandesc/ (or FMR_SANDESC_WEIGHTS).")
+    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
+    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
+    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
+    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
+    parser.add_argument("--cache", help="keypoint + label cache folder (default OUT/cache)")
+    parser.add_argument("--detector", default=d.detector, choices=DETECTORS,
+                        help="whose keypoints the descriptors are trained on (one weights file per detector)")
+    parser.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate after the warm-up")
+    parser.add_argument("--final-lr", type=float, default=d.final_lr, help="learning rate at the end (cosine decay)")
+    parser.add_argument("--warmup", type=float, default=d.warmup, help="fraction of the run spent warming up")
+    parser.add_argument("--margin", type=float, default=d.margin)
+    parser.add_argument("--p-decay", type=float, default=d.p_decay,
+                        help="per-step factor of the random-negative probability (starts at 1)")
+    parser.add_argument("--no-augment", action="store_true", help="no horizontal flips of the pairs")
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
+    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--export", help="write fp16 sandesc_<detector>.safetensors (+ history, validation) here")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.set_defaults(func=_run_sandesc)
+
+
+def _run_sandesc(args: argparse.Namespace) -> int:
+    from feature_matching_ros.training.sandesc import TrainConfig, train_sandesc
+
+    config = TrainConfig(
+        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
+        out=args.out, cache=args.cache, detector=args.detector, max_keypoints=args.max_keypoints,
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr, final_lr=args.final_lr, warmup=args.warmup,
+        margin=args.margin, p_decay=args.p_decay, augment=not args.no_augment, device=args.device,
+        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every,
+        export=args.export)
+    train_sandesc(config, resume=args.resume)
+    return 0
+
+
+MODELS = (_register_lightglue, _register_sandesc)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train models (lightglue)",
+    parser = subparsers.add_parser("train", help="train models (lightglue, sandesc)",
                                    description="Training commands; see `fmr train MODEL --help`.")
     models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
     for register_model in MODELS:

@@ -20,8 +20,15 @@ class NoFeaturesError(RuntimeError):
 
 
 @lru_cache(maxsize=8)
-def _network(name: str, device: str, precision: str):
-    """One instance per (network, device, precision): the detector and descriptor roles share weights."""
+def _network(name: str, device: str, precision: str, detector: str = ""):
+    """One instance per (network, device, precision): the detector and descriptor roles share weights.
+
+    SANDESC has weights per detector (features/sandesc.py), so ``detector`` is part of its key.
+    """
+    if name == "sandesc":
+        from feature_matching_ros.features.sandesc import SandescNetwork
+
+        return SandescNetwork(torch.device(device), precision, detector)
     networks = {"aliked": AlikedNetwork, "disk": DiskNetwork, "xfeat": XFeatNetwork}
     return networks[name](torch.device(device), precision)
 
@@ -40,7 +47,8 @@ class FeatureExtractor:
         self.detector = self._build_detector(config.detector)
         network = config.descriptor_network
         self.uses_native = network == self.detector.name or network == "orb" and config.detector.startswith("orb")
-        self.descriptor = None if self.uses_native else _network(network, str(self.device), precision)
+        variant = config.detector if network == "sandesc" else ""
+        self.descriptor = None if self.uses_native else _network(network, str(self.device), precision, variant)
         self.descriptor_type = network
         self.last_timing_ms: dict[str, float] = {}
 
