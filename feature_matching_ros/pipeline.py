@@ -18,6 +18,7 @@ from feature_matching_ros.config import ConfigError, PipelineConfig
 from feature_matching_ros.features import FeatureExtractor, Features
 from feature_matching_ros.geometry.pose import RelativePose, check_intrinsics, estimate_relative_pose
 from feature_matching_ros.matchers import PairMatches, build_matcher
+from feature_matching_ros.matchers.dense import DenseMatches
 
 LOG = logging.getLogger(__name__)
 
@@ -108,9 +109,17 @@ class MatchingPipeline:
         self.device = resolve_device(self.config.device)
         self.precision = resolve_precision(self.config.precision, self.device)
         limit_host_threads_for_gpu(self.device)
+        # Detector-free matchers (eloftr, loftr) match images; the extractor then only serves retrieval.
         self.extractor = FeatureExtractor(self.config.features, self.device, self.precision)
-        self.matcher = build_matcher(self.config.matcher, self.extractor.descriptor_type, self.device,
-                                     self.precision)
+        self.detector_free = self.config.detector_free
+        if self.detector_free:
+            from feature_matching_ros.matchers.dense import build_dense_matcher
+
+            self.dense_matcher = build_dense_matcher(self.config.matcher, self.config.features.resize_max,
+                                                     self.device, self.precision)
+        else:
+            self.matcher = build_matcher(self.config.matcher, self.extractor.descriptor_type, self.device,
+                                         self.precision)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -120,7 +129,15 @@ class MatchingPipeline:
         return self.extractor(image)
 
     def match(self, query: Features, candidates: Sequence[Features]) -> list[PairMatches]:
+        if self.detector_free:
+            raise TypeError(f"matcher={self.config.matcher.name} is detector-free: use match_images")
         return self.matcher.match(query, candidates)
+
+    def match_images(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[DenseMatches]:
+        """Detector-free matching of one image against k images (pixels of the original images)."""
+        if not self.detector_free:
+            raise TypeError(f"matcher={self.config.matcher.name} matches features: use extract + match")
+        return self.dense_matcher.match_images(query, candidates)
 
     def match_pair(self, image0: np.ndarray, image1: np.ndarray, K0: np.ndarray, K1: np.ndarray,
                    depth0: np.ndarray | None = None, depth1: np.ndarray | None = None) -> PairResult:
@@ -131,6 +148,8 @@ class MatchingPipeline:
                 raise ValueError(f"{name} of shape {np.asarray(depth).shape[:2]} does not match its image "
                                  f"{np.asarray(image).shape[:2]}")
         timing: dict[str, float] = {}
+        if self.detector_free:
+            return self._match_pair_detector_free(image0, image1, K0, K1, depth0, depth1, timing)
         try:
             features0 = self.extract(image0)
             timing.update({f"{k}0": v for k, v in self.extractor.last_timing_ms.items()})
@@ -157,3 +176,23 @@ class MatchingPipeline:
                                       self.config.pose, depth0=depth0, depth1=depth1)
         timing["pose"] = (time.perf_counter() - start) * 1e3
         return PairResult(keypoints0, keypoints1, matches.matches, matches.scores, pose, timing)
+
+    def _match_pair_detector_free(self, image0, image1, K0, K1, depth0, depth1, timing) -> PairResult:
+        """Semi-dense matches become keypoint lists with identity matches, so the same pose code runs."""
+        try:
+            start = time.perf_counter()
+            dense = self.match_images(image0, [image1])[0]
+            self._sync()
+            timing["match"] = (time.perf_counter() - start) * 1e3
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            LOG.error("GPU out of memory in %s; lower resize_max or use device=cpu", self.config.matcher.name)
+            empty = np.zeros((0, 2), np.float32)
+            return PairResult(empty, empty, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
+                              RelativePose(False, "GPU out of memory"), timing)
+        matches = np.repeat(np.arange(len(dense), dtype=np.int64)[:, None], 2, axis=1)
+        start = time.perf_counter()
+        pose = estimate_relative_pose(dense.keypoints0, dense.keypoints1, K0, K1, self.config.pose,
+                                      depth0=depth0, depth1=depth1)
+        timing["pose"] = (time.perf_counter() - start) * 1e3
+        return PairResult(dense.keypoints0, dense.keypoints1, matches, dense.scores, pose, timing)

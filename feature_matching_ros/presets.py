@@ -8,6 +8,8 @@ two sections: ``pipeline`` (for :meth:`PipelineConfig.from_dict`) and ``engine``
   orb_lightglue     ORB single-scale + ALIKED descriptors at ORB points + LightGlue; VLAD(ALIKED) retrieval.
   aliked_lightglue  ALIKED keypoints and descriptors + LightGlue; VLAD(ALIKED) retrieval.
   cpu               orb_lightglue sized for a CPU: 512 keypoints, images <= 640 px, 3 candidates.
+  eloftr            detector-free: Efficient LoFTR verifies retrieved keyframes on their stored images (semi-dense
+                    matches); retrieval as orb_lightglue. Keyframes keep their pixels (~0.9 MB per VGA keyframe).
   orb_bow_nn        baseline, the ORB-SLAM way: ORB + bag of binary words + Hamming mutual NN with ratio test.
 """
 
@@ -39,6 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "engine": _VLAD_ENGINE | {"retrieval": {"top_k": 3, "exclude_recent_seconds": 10.0,
                                                 "exclude_recent_count": 20},
                                   "min_inliers": 40},
+    },
+    "eloftr": {
+        "pipeline": {"features": {"detector": "orb", "descriptor": "aliked", "max_keypoints": 1024,
+                                  "resize_max": 640},
+                     "matcher": {"name": "eloftr", "weights": "default", "eloftr_mode": "full",
+                                 "coarse_threshold": 0.2}},
+        # Semi-dense matches are many and correlated: more inliers are needed than for 1024 keypoints.
+        "engine": _VLAD_ENGINE | {"min_inliers": 100},
     },
     "orb_bow_nn": {
         "pipeline": {"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024},

@@ -4,6 +4,10 @@ Per keyframe: extract -> global descriptor -> top-k retrieval (recent keyframes 
 ``MatchingPipeline.match`` of the query against the k candidates -> geometric verification per candidate
 -> acceptance (inlier count, inlier ratio, optional temporal consistency) -> the keyframe is inserted.
 
+Detector-free matchers (eloftr, loftr): the features still drive retrieval, but verification matches the
+stored keyframe IMAGES (kept in the map, with their depth images) and each pair's semi-dense matches become
+the keypoints of two keyframe views, so everything below runs unchanged.
+
 Geometric verification, per candidate (query = image 0, candidate = image 1, result T_match_query):
   * candidate has depth at its keypoints -> PnP (candidate 3D points -> query pixels), metric;
   * else query has depth -> PnP (query 3D points -> candidate pixels), metric;
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -53,7 +58,10 @@ from feature_matching_ros.features.base import Features
 from feature_matching_ros.geometry.pose import (RelativePose, _information, _numeric_jacobian, _perturb, _pnp,
                                                 _reprojection_residuals, _skew, check_intrinsics,
                                                 estimate_relative_pose)
+from feature_matching_ros.image import to_rgb_uint8
+from feature_matching_ros.matchers.base import PairMatches
 from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase, RetrievalConfig
+from feature_matching_ros.retrieval.persistence import MapFormatError
 from feature_matching_ros.retrieval.global_descriptors import (BinaryVocabulary, CodebookError, VladCodebook,
                                                                default_codebook_path, load_codebook, sha256_file)
 
@@ -438,6 +446,10 @@ class LoopClosureEngine:
         self._next_id = max(self._next_id, int(keyframe_id) + 1)
         keyframe = Keyframe.from_features(keyframe_id, stamp_ns, features, K, global_descriptor, T_map_camera,
                                           depth if self.config.store_depth else None)
+        if self.pipeline.detector_free:
+            keyframe.image = cv2.cvtColor(to_rgb_uint8(image), cv2.COLOR_RGB2GRAY)
+            if depth is not None and self.config.store_depth:
+                keyframe.depth_image = np.asarray(depth, np.float32).astype(np.float16)
         return keyframe, features, timing
 
     def process_keyframe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
@@ -542,7 +554,9 @@ class LoopClosureEngine:
         stored = [self.database.keyframes[c.position] for c in candidates]
         start = time.perf_counter()
         device = self.pipeline.device
-        all_matches = self.pipeline.match(features, [k.to_features(device) for k in stored])
+        pairs = self._match_detector_free(keyframe, stored) if self.pipeline.detector_free else [
+            (keyframe, match_kf, matches) for match_kf, matches in
+            zip(stored, self.pipeline.match(features, [k.to_features(device) for k in stored]))]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timing["match"] = (time.perf_counter() - start) * 1e3
@@ -550,17 +564,17 @@ class LoopClosureEngine:
         predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
                        if check_odometry else {})
         results = []
-        for rank, (candidate, match_kf, matches) in enumerate(zip(candidates, stored, all_matches)):
-            pose = verify_pair(keyframe, match_kf, matches.matches, self.pipeline.config.pose)
+        for rank, (candidate, (query_kf, match_kf, matches)) in enumerate(zip(candidates, pairs)):
+            pose = verify_pair(query_kf, match_kf, matches.matches, self.pipeline.config.pose)
             loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
                                pose.T_1_0, 1.0, pose.metric, pose.information, len(matches.matches),
                                pose.num_inliers, candidate.score, rank, pose.method, pose.success)
             if pose.success:
-                pairs = matches.matches
-                loop.points_query, loop.points_match = keyframe.keypoints[pairs[:, 0]], match_kf.keypoints[pairs[:, 1]]
+                index = matches.matches
+                loop.points_query, loop.points_match = query_kf.keypoints[index[:, 0]], match_kf.keypoints[index[:, 1]]
                 loop.match_scores = np.asarray(matches.scores, np.float32)
                 loop.inlier_mask = np.asarray(pose.inliers, bool)
-                loop.reason = (self._check_geometry(keyframe, match_kf, matches.matches[pose.inliers], loop)
+                loop.reason = (self._check_geometry(query_kf, match_kf, matches.matches[pose.inliers], loop)
                                or (self._odometry_gate(loop, predictions.get(candidate.position))
                                    if check_odometry else None)
                                or "ok")
@@ -570,6 +584,21 @@ class LoopClosureEngine:
             results.append(loop)
         timing["verify"] = (time.perf_counter() - start) * 1e3
         return results
+
+    def _match_detector_free(self, keyframe: Keyframe, stored: list[Keyframe]
+                             ) -> list[tuple[Keyframe, Keyframe, PairMatches]]:
+        """Match the keyframe's pixels against each candidate's; every pair becomes two keyframe views whose
+        keypoints are that pair's matches (identity indices), so verification and checks run unchanged."""
+        missing = [k.id for k in [keyframe, *stored] if k.image is None]
+        if missing:
+            raise MapFormatError(f"keyframes {missing[:5]} have no stored image; matcher="
+                                 f"{self.pipeline.config.matcher.name} needs a map built by a detector-free preset")
+        out = []
+        for match_kf, dense in zip(stored, self.pipeline.match_images(keyframe.image, [k.image for k in stored])):
+            identity = np.repeat(np.arange(len(dense), dtype=np.int64)[:, None], 2, axis=1)
+            out.append((keyframe.at_points(dense.keypoints0), match_kf.at_points(dense.keypoints1),
+                        PairMatches(identity, dense.scores)))
+        return out
 
     def verify_candidates(self, query_id: int, candidate_ids: list[int]) -> KeyframeResult:
         """Verify candidates named from outside (a backend's covisibility search, another place recogniser)
@@ -756,6 +785,9 @@ class LoopClosureEngine:
             raise MapFormatError(f"map {directory} was indexed with {stored.get('kind')} codebook sha256 "
                                  f"{stored.get('codebook_sha256')}; the engine uses {self.database.kind} "
                                  f"{self.codebook_sha256} (global descriptors would not be comparable)")
+        if self.pipeline.detector_free and any(k.image is None for k in database.keyframes):
+            raise MapFormatError(f"map {directory} stores no keyframe images; matcher="
+                                 f"{self.pipeline.config.matcher.name} needs a map built by a detector-free preset")
         self.database = database
         # Rebuild the odometry graph in database order (loop edges are not persisted: the backend owns them).
         self._neighbours = [[] for _ in database.keyframes]

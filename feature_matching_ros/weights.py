@@ -214,3 +214,17 @@ def load_agnostic_state_dict() -> dict[str, torch.Tensor]:
     if not AGNOSTIC_SHARDS:
         raise WeightsError("the detector-agnostic LightGlue weights are not shipped in this build; use weights=official")
     return load_sharded_safetensors(AGNOSTIC_DIR, AGNOSTIC_SHARDS)
+
+
+# Our Efficient LoFTR, trained from scratch on the synthetic pairs (`fmr train eloftr`; MODEL_CARD.md beside the
+# files). Official parameter names (training form, before reparameterisation), fp16 shards, sha256 pinned.
+ELOFTR_DIR = RESOURCE_DIR / "eloftr"
+ELOFTR_SHARDS: dict[str, str] = {}  # file name -> sha256; filled when trained weights are committed
+
+
+def load_trained_eloftr_state_dict() -> dict[str, torch.Tensor]:
+    """Our synthetic-trained Efficient LoFTR weights (official key names, no ``matcher.`` prefix)."""
+    if not ELOFTR_SHARDS:
+        raise WeightsError("no trained Efficient LoFTR weights are shipped in this build; pass weights=PATH to the "
+                           "official eloftr_outdoor.ckpt or to a checkpoint from `fmr train eloftr`")
+    return load_sharded_safetensors(ELOFTR_DIR, ELOFTR_SHARDS)

@@ -3,6 +3,9 @@
     fmr match IMG0 IMG1 --detector orb --descriptor aliked --matcher lightglue --max-keypoints 1024 \\
         --K0 fx,fy,cx,cy --K1 fx,fy,cx,cy [--depth0 PNG] --json OUT.json --viz OUT.png [--device cuda]
     fmr match --pairs PAIRS.txt --out DIR [same options]
+    fmr match IMG0 IMG1 --matcher eloftr [--weights eloftr_outdoor.ckpt] [--eloftr-mode optimized]
+
+Detector-free matchers (eloftr, loftr) ignore --detector/--descriptor/--max-keypoints; --resize-max applies.
 
 Depth PNGs are 16-bit in millimetres by default (``--depth-scale`` metres per unit; 0 = invalid), as
 ROS 16UC1 depth; 32-bit float TIFF/EXR or .npy in metres also work (``--depth-scale 1``).
@@ -22,7 +25,7 @@ LOG = logging.getLogger("fmr.match")
 
 
 def register(subparsers) -> None:
-    from feature_matching_ros.config import DESCRIPTORS, DETECTORS, DEVICES, LIGHTGLUE_WEIGHTS, MATCHERS, PRECISIONS
+    from feature_matching_ros.config import DESCRIPTORS, DETECTORS, DEVICES, ELOFTR_MODES, MATCHERS, PRECISIONS
 
     parser = subparsers.add_parser("match", help="match two images or a list of pairs; estimate relative pose",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,8 +35,14 @@ def register(subparsers) -> None:
     parser.add_argument("--detector", default="orb", choices=DETECTORS)
     parser.add_argument("--descriptor", default="aliked", choices=DESCRIPTORS)
     parser.add_argument("--matcher", default="lightglue", choices=MATCHERS)
-    parser.add_argument("--weights", default="official", choices=LIGHTGLUE_WEIGHTS,
-                        help="LightGlue weights: official, or agnostic (our multi-detector fine-tune; ALIKED descriptors)")
+    parser.add_argument("--weights", default="default",
+                        help="lightglue: official (= default) or agnostic (our multi-detector fine-tune, ALIKED "
+                             "descriptors); eloftr: default (our synthetic-trained weights) or PATH to a checkpoint "
+                             "(official eloftr_outdoor.ckpt, or from `fmr train eloftr`); loftr: PATH (official "
+                             "loftr_outdoor.ckpt)")
+    parser.add_argument("--eloftr-mode", default="full", choices=ELOFTR_MODES,
+                        help="Efficient LoFTR: full, or optimized (skips the coarse dual-softmax; faster)")
+    parser.add_argument("--coarse-threshold", type=float, default=0.2, help="eloftr/loftr coarse match threshold")
     parser.add_argument("--max-keypoints", type=int, default=1024)
     parser.add_argument("--nms-radius", type=int, default=4, help="ORB single-scale NMS radius (px)")
     parser.add_argument("--resize-max", type=int, default=1024, help="longest side fed to the networks; 0 = none")
@@ -102,7 +111,8 @@ def build_config(args: argparse.Namespace):
                                nms_radius=args.nms_radius, resize_max=args.resize_max),
         matcher=MatcherConfig(name=args.matcher, weights=args.weights, filter_threshold=args.filter_threshold,
                               depth_confidence=args.depth_confidence, width_confidence=args.width_confidence,
-                              ratio_test=args.ratio_test),
+                              ratio_test=args.ratio_test, eloftr_mode=args.eloftr_mode,
+                              coarse_threshold=args.coarse_threshold),
         device=args.device, precision=args.precision,
     )
 
@@ -130,7 +140,8 @@ def match_one(pipeline, path0: Path, path1: Path, k0: str | None, k1: str | None
         from feature_matching_ros.viz import draw_matches
 
         points0, points1 = result.matched_points()
-        header = (f"{args.detector}+{args.descriptor}+{args.matcher}: {len(result.matches)} matches, "
+        method = args.matcher if pipeline.detector_free else f"{args.detector}+{args.descriptor}+{args.matcher}"
+        header = (f"{method}: {len(result.matches)} matches, "
                   f"{result.pose.num_inliers} inliers ({result.reason})")
         inliers = np.asarray(report["inliers"], dtype=bool)
         canvas = draw_matches(image0, image1, points0, points1, inliers, header=header)
@@ -157,6 +168,7 @@ def read_pairs(path: Path) -> list[tuple[Path, Path, str | None, str | None]]:
 def run(args: argparse.Namespace) -> int:
     from feature_matching_ros.config import ConfigError
     from feature_matching_ros.pipeline import MatchingPipeline
+    from feature_matching_ros.weights import WeightsError
 
     if bool(args.pairs) == bool(args.images) or (args.images and len(args.images) != 2):
         print("fmr match: give exactly two images, or --pairs FILE --out DIR", file=sys.stderr)
@@ -168,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         pipeline = MatchingPipeline(build_config(args))
     except ConfigError as error:
         print(f"fmr match: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    except WeightsError as error:
+        print(f"fmr match: weights: {error}", file=sys.stderr)
         return 2
     if args.images:
         report = match_one(pipeline, Path(args.images[0]), Path(args.images[1]), args.K0, args.K1, args, args.viz)

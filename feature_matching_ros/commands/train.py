@@ -118,7 +118,55 @@ def _run_sandesc(args: argparse.Namespace) -> int:
     return 0
 
 
-MODELS = (_register_lightglue, _register_sandesc)
+def _register_eloftr(models) -> None:
+    from feature_matching_ros.training.eloftr import TrainConfig
+
+    d = TrainConfig()
+    parser = models.add_parser(
+        "eloftr", help="train Efficient LoFTR from scratch (paper losses) on synthetic pairs",
+        description="Coarse focal loss on ground-truth cell pairs, fine stage-1 focal loss and stage-2 sub-pixel L2 "
+                    "(weight 0.25); ground truth from the exact homography / depth + pose of each pair. "
+                    "Data: folders from `fmr make-pairs` (one image size, multiples of 32), and/or MegaDepth.")
+    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
+    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
+    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
+    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--fine-per-pair", type=int, default=d.fine_per_pair,
+                        help="ground-truth coarse pairs refined per image pair")
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
+    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0 = all)")
+    parser.add_argument("--export", help="write fp16 safetensors shards of the final model to this folder")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.set_defaults(func=_run_eloftr)
+
+
+def _run_eloftr(args: argparse.Namespace) -> int:
+    from feature_matching_ros.training.eloftr import TrainConfig, train_eloftr
+
+    config = TrainConfig(
+        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
+        out=args.out, batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, fine_per_pair=args.fine_per_pair, device=args.device,
+        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every, max_pairs=args.max_pairs,
+        export=args.export)
+    train_eloftr(config, resume=args.resume)
+    return 0
+
+
+MODELS = (_register_lightglue, _register_sandesc, _register_eloftr)
 
 
 def register(subparsers) -> None:

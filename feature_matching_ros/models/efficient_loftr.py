@@ -436,17 +436,26 @@ class EfficientLoFTR(nn.Module):
                 optimized mode sigmoid(mconf - coarse_threshold_optimized).
         """
         self._check_inputs(image0, image1)
-        conf = self.conf
         batch, _, height, width = image0.shape
         if coarse_matches is not None:
             cells = (height // COARSE_STRIDE) * (width // COARSE_STRIDE)
             coarse_matches = _check_coarse_matches(coarse_matches, batch, cells, image0.device)
+        dense = self.dense_stage(image0, image1, with_match_mask=coarse_matches is None)
+        return self.sparse_stage(dense, coarse_matches)
 
+    def dense_stage(self, image0: Tensor, image1: Tensor, with_match_mask: bool = True) -> dict[str, Tensor]:
+        """Everything of fixed shape: backbone, coarse transformer, coarse scores, the mutual-match mask and the
+        full-resolution fine maps. No host synchronisation, so inference can replay it as a CUDA graph.
+
+        Returns sim_matrix (B, L, L), conf_matrix (B, L, L) (full mode), match_mask (B, L, L) bool (when asked),
+        fine0, fine1 (B, 64, H, W) fine feature maps.
+        """
+        conf = self.conf
+        batch = image0.shape[0]
         x1, x2, coarse = self.backbone(torch.cat([image0, image1]))
         hc, wc = coarse.shape[-2:]
         feat0, feat1 = self.loftr_coarse(*coarse.split(batch))
-
-        out: dict[str, Any] = {"hw_c": (hc, wc)}
+        out: dict[str, Tensor] = {}
         with torch.autocast(device_type=coarse.device.type, enabled=False):
             f0, f1 = (f.flatten(2).transpose(1, 2).float() for f in (feat0, feat1))  # (B, L, C)
             dim = f0.shape[-1]
@@ -457,9 +466,29 @@ class EfficientLoFTR(nn.Module):
             else:
                 scores = out["conf_matrix"] = F.softmax(sim, 1) * F.softmax(sim, 2)
                 threshold = conf["coarse_threshold"]
+            if with_match_mask:
+                out["match_mask"] = _mutual_mask(scores.detach(), threshold, conf["border_removal"], hc, wc)
+        # Fine features, from the coarse maps scaled like the official code (fp16 overflow guard).
+        fine = self.fine_preprocess(torch.cat([feat0, feat1]) / feat0.shape[1] ** 0.5, x2, x1)
+        out["fine0"], out["fine1"] = fine.split(batch)
+        return out
 
+    def sparse_stage(self, dense: Mapping[str, Tensor],
+                     coarse_matches: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Any]:
+        """Coarse matches (from ``match_mask`` or imposed) -> fine windows -> stage 1 and 2 -> keypoints.
+        ``dense``: the output of :meth:`dense_stage`. Returns what :meth:`forward` documents."""
+        conf = self.conf
+        fine0, fine1 = dense["fine0"], dense["fine1"]
+        height = fine0.shape[-2]
+        hc, wc = fine0.shape[-2] // COARSE_STRIDE, fine0.shape[-1] // COARSE_STRIDE
+        out: dict[str, Any] = {"hw_c": (hc, wc), "sim_matrix": dense["sim_matrix"]}
+        if "conf_matrix" in dense:
+            out["conf_matrix"] = dense["conf_matrix"]
+        scores = dense["sim_matrix"] if conf["optimized"] else dense["conf_matrix"]
         if coarse_matches is None:
-            b_ids, i_ids, j_ids = _mutual_matches(scores.detach(), threshold, conf["border_removal"], hc, wc)
+            valid, j_all = dense["match_mask"].max(2)
+            b_ids, i_ids = torch.where(valid)
+            j_ids = j_all[b_ids, i_ids]
         else:
             b_ids, i_ids, j_ids = coarse_matches
         mconf = scores.detach()[b_ids, i_ids, j_ids]
@@ -469,9 +498,6 @@ class EfficientLoFTR(nn.Module):
         else:
             out["scores"] = mconf
 
-        # Fine features, from the coarse maps scaled like the official code (fp16 overflow guard).
-        fine = self.fine_preprocess(torch.cat([feat0, feat1]) / feat0.shape[1] ** 0.5, x2, x1)
-        fine0, fine1 = fine.split(batch)
         win0 = _windows(fine0, b_ids, i_ids, wc, FINE_WINDOW, 0)  # (M, 64, C)
         win1 = _windows(fine1, b_ids, j_ids, wc, FINE_WINDOW + 2, 1)  # (M, 100, C)
         out.update(self._fine_matching(win0, win1))
@@ -508,9 +534,8 @@ class EfficientLoFTR(nn.Module):
 
 
 @torch.no_grad()
-def _mutual_matches(scores: Tensor, threshold: float, border: int, hc: int, wc: int
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """scores (B, L, L) -> b_ids, i_ids, j_ids (M,): above threshold, off the border, mutual nearest neighbours."""
+def _mutual_mask(scores: Tensor, threshold: float, border: int, hc: int, wc: int) -> Tensor:
+    """scores (B, L, L) -> bool (B, L, L): above threshold, off the border, mutual nearest neighbours."""
     batch = scores.shape[0]
     mask = scores > threshold
     if border > 0:
@@ -520,7 +545,13 @@ def _mutual_matches(scores: Tensor, threshold: float, border: int, hc: int, wc: 
             grid.narrow(axis, max(grid.shape[axis] - border, 0), min(border, grid.shape[axis])).fill_(False)
     mask &= scores == scores.max(2, keepdim=True).values
     mask &= scores == scores.max(1, keepdim=True).values
-    valid, j_all = mask.max(2)
+    return mask
+
+
+def _mutual_matches(scores: Tensor, threshold: float, border: int, hc: int, wc: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """scores (B, L, L) -> b_ids, i_ids, j_ids (M,): above threshold, off the border, mutual nearest neighbours."""
+    valid, j_all = _mutual_mask(scores, threshold, border, hc, wc).max(2)
     b_ids, i_ids = torch.where(valid)
     return b_ids, i_ids, j_all[b_ids, i_ids]
 

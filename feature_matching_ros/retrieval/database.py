@@ -45,6 +45,10 @@ class Keyframe:
     global_descriptor: np.ndarray
     T_map_camera: np.ndarray | None = None
     depth_at_keypoints: np.ndarray | None = None
+    # Detector-free matchers (eloftr, loftr) match pixels, so their keyframes keep the image: (H, W) uint8 gray,
+    # and the depth image (H, W) float16 metres (NaN invalid) when there is one. About 0.9 MB per VGA keyframe.
+    image: np.ndarray | None = None
+    depth_image: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.keypoints))
@@ -76,6 +80,21 @@ class Keyframe:
                         np.asarray(K, np.float64).reshape(3, 3), np.asarray(global_descriptor, np.float32),
                         None if T_map_camera is None else np.asarray(T_map_camera, np.float64).reshape(4, 4),
                         depth_at_keypoints)
+
+    def at_points(self, points: np.ndarray) -> "Keyframe":
+        """A view of this keyframe whose keypoints are ``points`` (M, 2) px, e.g. one pair's detector-free matches;
+        depth comes from the stored depth image (nearest pixel). No descriptors."""
+        points = np.asarray(points, np.float32).reshape(-1, 2)
+        depth = None
+        if self.depth_image is not None:
+            height, width = self.depth_image.shape
+            cols = np.clip(np.round(points[:, 0]).astype(int), 0, width - 1)
+            rows = np.clip(np.round(points[:, 1]).astype(int), 0, height - 1)
+            depth = self.depth_image[rows, cols].astype(np.float32)
+            depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
+        return Keyframe(self.id, self.stamp_ns, points, np.zeros((len(points), 0), np.float16),
+                        np.ones(len(points), np.float16), self.image_size, self.descriptor_type, self.K,
+                        self.global_descriptor, self.T_map_camera, depth)
 
     def to_features(self, device: torch.device | str = "cpu") -> Features:
         """Back to the matcher's :class:`Features` (float descriptors re-normalised after float16 storage)."""

@@ -5,6 +5,7 @@ Layout (format version ``MAP_FORMAT_VERSION``)::
     MAP/manifest.json          {"format": "feature_matching_ros.map", "format_version", "created", "counts",
                                 "feature_config", "global_descriptor", "retrieval", "files": {name: {sha256, bytes}}}
     MAP/<array>.npy            concatenated per-keyframe arrays (see ``_ARRAYS``), offsets.npy splits them
+    MAP/images.npy, depth_images.npy   only in detector-free maps (eloftr, loftr): (n, H, W) pixels per keyframe
 
 Safety: arrays are read with ``np.load(allow_pickle=False)`` and metadata with ``json``, so a map from
 elsewhere cannot execute code; every file's size and sha256 are checked against the manifest before
@@ -36,6 +37,7 @@ MAP_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _ARRAYS = ("ids", "stamps_ns", "offsets", "keypoints", "descriptors", "scores", "depth_at_keypoints",
            "has_depth", "K", "T_map_camera", "has_pose", "image_sizes", "global_descriptors")
+_OPTIONAL_ARRAYS = ("images", "depth_images")  # detector-free maps (eloftr, loftr) keep the keyframe pixels
 
 
 class MapFormatError(RuntimeError):
@@ -94,7 +96,22 @@ def _pack(database: KeyframeDatabase) -> dict[str, np.ndarray]:
         "image_sizes": np.array([k.image_size for k in keyframes], np.int64).reshape(n, 2),
         "global_descriptors": np.array([k.global_descriptor for k in keyframes], np.float32).reshape(
             n, database.global_dim),
-    }
+    } | _pack_images(keyframes)
+
+
+def _pack_images(keyframes: list[Keyframe]) -> dict[str, np.ndarray]:
+    """Keyframe images of detector-free maps: (n, H, W) uint8 and, when any keyframe has depth, (n, H, W)
+    float16 depth (NaN where a keyframe has none). Nothing for keypoint maps."""
+    if not keyframes or all(k.image is None for k in keyframes):
+        return {}
+    if any(k.image is None for k in keyframes) or len({k.image.shape for k in keyframes}) > 1:
+        raise ValueError("detector-free map: every keyframe needs an image, all of one size")
+    out = {"images": np.stack([k.image for k in keyframes]).astype(np.uint8)}
+    if any(k.depth_image is not None for k in keyframes):
+        blank = np.full(keyframes[0].image.shape, np.nan, np.float16)
+        out["depth_images"] = np.stack([k.depth_image if k.depth_image is not None else blank
+                                        for k in keyframes]).astype(np.float16)
+    return out
 
 
 def save_map(database: KeyframeDatabase, directory: Path | str, feature_config: dict[str, Any],
@@ -173,7 +190,7 @@ def load_map(directory: Path | str, feature_config: dict[str, Any] | None = None
     if feature_config is not None:
         check_compatible(manifest, feature_config)
     arrays: dict[str, np.ndarray] = {}
-    for name in _ARRAYS:
+    for name in _ARRAYS + tuple(name for name in _OPTIONAL_ARRAYS if f"{name}.npy" in manifest["files"]):
         entry = manifest["files"][f"{name}.npy"]
         path = directory / f"{name}.npy"
         if not path.is_file():
@@ -223,5 +240,13 @@ def _unpack(arrays: dict[str, np.ndarray], manifest: dict[str, Any],
             global_descriptor=arrays["global_descriptors"][i].copy(),
             T_map_camera=arrays["T_map_camera"][i].copy() if arrays["has_pose"][i] else None,
             depth_at_keypoints=arrays["depth_at_keypoints"][lo:hi].copy() if arrays["has_depth"][i] else None))
+    for name in _OPTIONAL_ARRAYS:
+        if name in arrays and (arrays[name].ndim != 3 or len(arrays[name]) != n):
+            raise MapFormatError(f"map array {name} has shape {arrays[name].shape}, expected ({n}, H, W)")
+    for i, keyframe in enumerate(keyframes):
+        if "images" in arrays:
+            keyframe.image = arrays["images"][i].copy()
+        if "depth_images" in arrays and arrays["has_depth"][i]:
+            keyframe.depth_image = arrays["depth_images"][i].copy()
     database.add_many(keyframes)
     return database

@@ -48,7 +48,9 @@ _ALLOWED: dict[str, str] = {
     "pipeline.features.detector": ", ".join(core_config.DETECTORS),
     "pipeline.features.descriptor": ", ".join(core_config.DESCRIPTORS),
     "pipeline.matcher.name": ", ".join(core_config.MATCHERS),
-    "pipeline.matcher.weights": ", ".join(core_config.LIGHTGLUE_WEIGHTS),
+    "pipeline.matcher.weights": "lightglue: default, official, agnostic; eloftr: default or a checkpoint path; "
+                                "loftr: a checkpoint path",
+    "pipeline.matcher.eloftr_mode": ", ".join(core_config.ELOFTR_MODES),
     "engine.global_descriptor": "auto, vlad, bow",
 }
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
