@@ -43,7 +43,10 @@ def limit_host_threads_for_gpu(device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    import faiss  # noqa: F401  (load the retrieval database's OpenMP runtime now, so the limit covers it)
+    try:
+        import faiss  # noqa: F401  (load the retrieval database's OpenMP runtime now, so the limit covers it)
+    except ImportError:  # matching alone needs no faiss (minimal GPU machines); retrieval imports it itself
+        pass
     from threadpoolctl import threadpool_limits
 
     LOG.info("CUDA pipeline: limiting CPU thread pools to %d threads", GPU_HOST_THREADS)

@@ -161,19 +161,20 @@ def _load_exported(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 # Our detector-agnostic fine-tune of ALIKED-LightGlue (feature_matching_ros.training; MODEL_CARD.md beside
-# the files). fp16 safetensors in kornia's key names, sharded (each shard < 16 MiB), sha256 pinned per shard.
+# the file), kornia's key names, sha256 pinned. int8 per output channel (save_int8_safetensors), like the
+# Efficient LoFTR weights below and for the same reason (the 64 MiB GPU-lease limit on the working tree);
+# against the fp16 export it gives the same match precision and pose AUC on the dev pairs (MODEL_CARD.md).
 AGNOSTIC_DIR = RESOURCE_DIR / "lightglue"
-AGNOSTIC_SHARDS: dict[str, str] = {  # file name -> sha256
-    "aliked_lightglue_agnostic.0.safetensors": "c0bbb7161cb9a17a4f16e0cf2fdcf05d74f0eda65ef898b67ebce2370f2637ce",
-    "aliked_lightglue_agnostic.1.safetensors": "90ed4a2d53c57fdc67626a5b69970ad5a35ba17c1e3686202d8a2dda3a1be28d",
-}
+AGNOSTIC_FILE = "aliked_lightglue_agnostic.int8.safetensors"
+AGNOSTIC_SHA256 = "adfcc979b2fc0289b9a99a67ec2184b2e365e54f56020c27c979fe27bb42c0fd"
 
 
 def save_sharded_safetensors(state: dict[str, torch.Tensor], out_dir: Path, stem: str,
                              max_shard_bytes: int = 15 << 20, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """Write ``state`` as ``{stem}.{i}.safetensors`` shards of at most ``max_shard_bytes`` of tensor data.
 
-    Floating tensors are cast to ``dtype``. Returns {file name: sha256} (what :data:`AGNOSTIC_SHARDS` pins).
+    Floating tensors are cast to ``dtype``. Returns {file name: sha256}. Training exports use it (each shard
+    fits the 16 MiB a GPU lease returns per file); shipped files are packed with :func:`save_int8_safetensors`.
     """
     from safetensors.torch import save_file
 
@@ -211,20 +212,61 @@ def load_sharded_safetensors(folder: Path, shards: dict[str, str]) -> dict[str, 
 
 def load_agnostic_state_dict() -> dict[str, torch.Tensor]:
     """Our detector-agnostic ALIKED-LightGlue (kornia key names), from resource/lightglue/ with pinned sha256."""
-    if not AGNOSTIC_SHARDS:
-        raise WeightsError("the detector-agnostic LightGlue weights are not shipped in this build; use weights=official")
-    return load_sharded_safetensors(AGNOSTIC_DIR, AGNOSTIC_SHARDS)
+    if not (AGNOSTIC_DIR / AGNOSTIC_FILE).is_file():
+        raise WeightsError(f"the detector-agnostic LightGlue weights are missing ({AGNOSTIC_DIR / AGNOSTIC_FILE}); "
+                           "use weights=official")
+    return load_int8_safetensors(AGNOSTIC_DIR / AGNOSTIC_FILE, AGNOSTIC_SHA256)
 
 
 # Our Efficient LoFTR, trained from scratch on the synthetic pairs (`fmr train eloftr`; MODEL_CARD.md beside the
-# files). Official parameter names (training form, before reparameterisation), fp16 shards, sha256 pinned.
+# file). Official parameter names (training form, before reparameterisation), sha256 pinned. Stored as int8 with
+# per-output-channel scales (save_int8_safetensors), not fp16: 16 MB instead of 32 MB. The working tree must
+# stay under the 64 MiB the GPU lease machine accepts (tracked files always travel), and the fp16 file would
+# take the repository over it; the model card gives the measured effect of the rounding (none on the matches).
 ELOFTR_DIR = RESOURCE_DIR / "eloftr"
-ELOFTR_SHARDS: dict[str, str] = {}  # file name -> sha256; filled when trained weights are committed
+ELOFTR_FILE = "eloftr_synthetic.int8.safetensors"
+ELOFTR_SHA256 = "1efc50b4ea5a90d64774699030a2c1a4394bb5ea9526c3f9ae2e8c71532948c6"
+INT8_SCALE_SUFFIX = ":int8_scale"
+
+
+def save_int8_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write weights with >= 2 dims as symmetric int8 per output channel (dim 0) plus an fp16 scale per channel;
+    other floats as fp16, integers as they are. Returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.ndim >= 2:
+            flat = value.float().reshape(value.shape[0], -1)
+            scale = (flat.abs().amax(1) / 127.0).clamp_min(1e-12)
+            out[key] = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            out[key + INT8_SCALE_SUFFIX] = scale.to(torch.float16)
+        else:
+            out[key] = (value.to(torch.float16) if value.is_floating_point() else value).contiguous()
+    save_file(out, str(path), metadata=metadata)
+    return sha256_of(Path(path))
+
+
+def load_int8_safetensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`save_int8_safetensors`: fp32 state dict (integers untouched)."""
+    raw = load_safetensors(Path(path), expected_sha256)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key.endswith(INT8_SCALE_SUFFIX):
+            continue
+        scale = raw.get(key + INT8_SCALE_SUFFIX)
+        if scale is not None:
+            shape = (-1,) + (1,) * (value.ndim - 1)
+            state[key] = value.float() * scale.float().reshape(shape)
+        else:
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
 
 
 def load_trained_eloftr_state_dict() -> dict[str, torch.Tensor]:
-    """Our synthetic-trained Efficient LoFTR weights (official key names, no ``matcher.`` prefix)."""
-    if not ELOFTR_SHARDS:
+    """Our synthetic-trained Efficient LoFTR weights (official key names, no ``matcher.`` prefix), fp32."""
+    if not ELOFTR_SHA256:
         raise WeightsError("no trained Efficient LoFTR weights are shipped in this build; pass weights=PATH to the "
                            "official eloftr_outdoor.ckpt or to a checkpoint from `fmr train eloftr`")
-    return load_sharded_safetensors(ELOFTR_DIR, ELOFTR_SHARDS)
+    return load_int8_safetensors(ELOFTR_DIR / ELOFTR_FILE, ELOFTR_SHA256)

@@ -1,6 +1,6 @@
 """Detector-free matchers (Efficient LoFTR, LoFTR) behind the pipeline and the loop-closure engine.
 
-Accuracy of our trained Efficient LoFTR weights is pinned on real pairs with ground truth; the plumbing tests
+Accuracy of our shipped Efficient LoFTR weights is pinned on pairs with ground truth; the plumbing tests
 (weights from a path, padding, map persistence of keyframe images, clear errors) use a checkpoint written
 here so they do not depend on the shipped weights.
 """
@@ -15,10 +15,9 @@ from feature_matching_ros.config import ConfigError, FeatureConfig, MatcherConfi
 from feature_matching_ros.devdata import homography_errors, load_motorcycle, reprojection_errors, \
     synthetic_homography_pair
 from feature_matching_ros.pipeline import MatchingPipeline
-from feature_matching_ros.weights import ELOFTR_DIR, ELOFTR_SHARDS, WeightsError
+from feature_matching_ros.weights import WeightsError
 
 RETRIEVAL_ONLY = FeatureConfig(detector="orb", descriptor="native", max_keypoints=256, resize_max=320)
-needs_trained = pytest.mark.skipif(not ELOFTR_SHARDS, reason=f"trained Efficient LoFTR weights missing in {ELOFTR_DIR}")
 
 
 def _pipeline(matcher: MatcherConfig, features: FeatureConfig = RETRIEVAL_ONLY) -> MatchingPipeline:
@@ -129,7 +128,6 @@ def test_engine_keeps_keyframe_images_for_dense_verification_and_persists_them(r
         loaded.load_map(tmp_path / "keypoint_map")
 
 
-@needs_trained
 def test_trained_eloftr_matches_a_held_out_homography():
     """Our synthetic-trained weights on a homography of a photo excluded from training (astronaut)."""
     pipeline = _pipeline(MatcherConfig(name="eloftr"), FeatureConfig(detector="orb", descriptor="native",
@@ -141,7 +139,6 @@ def test_trained_eloftr_matches_a_held_out_homography():
     assert np.mean(errors < 3.0) >= 0.8, f"precision@3px {np.mean(errors < 3.0):.2f} on {len(result)} matches"
 
 
-@needs_trained
 def test_trained_eloftr_relative_pose_on_middlebury():
     """Real stereo pair with ground truth (Middlebury motorcycle): semi-dense matches through the same pose code."""
     from feature_matching_ros.eval.metrics import relative_pose_error_deg

@@ -97,3 +97,17 @@ def test_batch_matches_single_pairs(graf, orb_aliked_lightglue):
         # Early exit is decided for the whole batch, so a pair may run a layer more than alone.
         assert len(shared) >= 0.9 * max(len(single), len(result))
     assert {tuple(m) for m in batched[0].matches} == {tuple(m) for m in batched[2].matches}
+
+
+def test_shipped_agnostic_lightglue_matches_a_held_out_homography():
+    """Our detector-agnostic fine-tune (resource/lightglue, int8-packed, sha256 pinned) loads and matches ORB
+    keypoints described by ALIKED on a photo excluded from its training data."""
+    pipeline = MatchingPipeline(PipelineConfig(
+        features=FeatureConfig(detector="orb", descriptor="aliked", max_keypoints=512, resize_max=480),
+        matcher=MatcherConfig(weights="agnostic"), device="cpu"))
+    pair = synthetic_homography_pair("coffee", 1)
+    features0, features1 = pipeline.extract(pair.image0), pipeline.extract(pair.image1)
+    matches = pipeline.match(features0, [features1])[0].matches
+    errors = homography_errors(pair.H_1_0, features0.keypoints_numpy()[matches[:, 0]],
+                               features1.keypoints_numpy()[matches[:, 1]])
+    assert len(matches) >= 200 and np.mean(errors < 3.0) >= 0.85, (len(matches), float(np.mean(errors < 3.0)))

@@ -30,7 +30,10 @@ ENV_WEIGHTS = "FMR_SANDESC_WEIGHTS"
 FALLBACK_DETECTOR = "orb"
 DETECTOR_ALIASES = {"orb_multiscale": "orb"}  # the same FAST corners, only more scales
 # Shipped files -> sha256 (filled when trained weights ship; a listed file must match, unlisted ones load unchecked).
-SHIPPED_SHA256: dict[str, str] = {}
+SHIPPED_SHA256: dict[str, str] = {
+    "sandesc_orb.safetensors": "f5c5a29e292b6804c510bf44184a190d8b3435363236cb5a5733860a8b05da84",
+    "sandesc_aliked.safetensors": "37a822ec62ecb8d56e2207b3c3946e93e653d6d3d4988ccc5bd36c23dac1a9f2",
+}
 
 
 def weights_file_name(detector: str) -> str:
