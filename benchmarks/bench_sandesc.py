@@ -127,6 +127,9 @@ def main() -> int:
     parser.add_argument("--ratio-test", type=float, default=1.0, help="1.0 = plain mutual nearest neighbour")
     parser.add_argument("--repeat", type=int, default=5, help="timing repetitions (median)")
     parser.add_argument("--allow-random", action="store_true", help="random-init weights where a file is missing")
+    parser.add_argument("--lightglue", action="store_true",
+                        help="add rows matched by the official ALIKED-LightGlue: ALIKED descriptors (reference) and "
+                             "SANDESC descriptors zero-shot (LightGlue never saw SANDESC)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
 
@@ -141,8 +144,12 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="fmr_sandesc_random_"))
     rows, random_used = [], False
     start = time.perf_counter()
+    variants = ["native", "sandesc"] + (["aliked+lightglue", "sandesc+lightglue"] if args.lightglue else [])
     for detector in args.detectors:
-        for descriptor in ("native", "sandesc"):
+        for variant in variants:
+            descriptor = variant.split("+")[0]
+            if descriptor == "aliked" and detector == "aliked":
+                descriptor = "native"
             label = "-"
             if descriptor == "sandesc":
                 path, label = sandesc_weights(detector, args.weights_dir, args.allow_random, scratch)
@@ -154,13 +161,19 @@ def main() -> int:
                 matcher=MatcherConfig(name="nn", ratio_test=args.ratio_test, max_hamming=256),
                 pose=PoseConfig(ransac_threshold_px=0.5), device=args.device)
             pipeline = MatchingPipeline(config)
+            if variant.endswith("+lightglue"):
+                # The official ALIKED-LightGlue takes any 128-d descriptors; on SANDESC it runs zero-shot (the
+                # config refuses that pairing for users, since LightGlue was never trained on SANDESC).
+                from feature_matching_ros.matchers.lightglue import LightGlueMatcher
+
+                pipeline.matcher = LightGlueMatcher("aliked", MatcherConfig(), pipeline.device, pipeline.precision)
             total_ms, describe_ms = timing(pipeline, timing_image, args.repeat)
             pipeline.extract = _memoised(pipeline.extract)
             result = evaluate_combination(pipeline, pairs) | homography_accuracy(pipeline, pairs)
             result |= {"ms": total_ms, "describe_ms": describe_ms, "params": parameters(pipeline), "weights": label,
                        "dim": int(pipeline.extract(pairs[0].image0).descriptors.shape[1])}
-            rows.append((detector, descriptor, result))
-            print(f"{detector:7s} {descriptor:8s} matches {result['matches']:6.1f} precision {result['precision']:.3f} "
+            rows.append((detector, variant, result))
+            print(f"{detector:7s} {variant:8s} matches {result['matches']:6.1f} precision {result['precision']:.3f} "
                   f"H@3/5 {result['h_acc@3']:.2f}/{result['h_acc@5']:.2f} AUC {result['auc@5']:.1f}/"
                   f"{result['auc@10']:.1f}/{result['auc@20']:.1f} {total_ms:.0f} ms ({describe_ms:.0f} describe) "
                   f"[{time.perf_counter() - start:.0f} s]", flush=True)
@@ -176,7 +189,7 @@ def main() -> int:
     first = rows[0][2] if rows else {"pose_pairs": 0, "h_pairs": 0}
     device = pipeline.device if rows else args.device
     text = "\n".join([
-        "# SANDESC vs native descriptors (mutual nearest neighbour)", "",
+        "# SANDESC vs native descriptors (mutual nearest neighbour unless the row says lightglue)", "",
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Pairs: {len(pairs)} ({first['h_pairs']} homography, {first['pose_pairs']} with pose ground truth); "
         f"max_keypoints {args.max_keypoints}; ratio test {args.ratio_test}; device {machine_description(device)}; "
