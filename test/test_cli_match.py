@@ -77,3 +77,27 @@ def test_invalid_options_exit_with_message():
     result = subprocess.run([sys.executable, "-m", "feature_matching_ros.cli", "match", "a.png", "b.png",
                              "--detector", "superpoint"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice: 'superpoint'" in result.stderr
+
+
+def test_match_with_eloftr_and_depth_gives_a_metric_pose(stereo_files, tmp_path):
+    """`fmr match --matcher eloftr`: semi-dense matches (shipped weights) through the same PnP path as LightGlue."""
+    folder, pair, k0, k1 = stereo_files
+    out_json, out_png = tmp_path / "eloftr.json", tmp_path / "eloftr.png"
+    code = main(["match", str(folder / "left.png"), str(folder / "right.png"), "--matcher", "eloftr",
+                 "--resize-max", "480", "--K0", k0, "--K1", k1, "--depth0", str(folder / "depth_left.png"),
+                 "--json", str(out_json), "--viz", str(out_png), "--device", "cpu"])
+    assert code == 0 and out_png.is_file()
+    report = json.loads(out_json.read_text())
+    assert report["success"] and report["metric_scale"] and report["method"] == "pnp"
+    assert report["num_matches"] == len(report["keypoints0"]) == len(report["matches"]) >= 200
+    assert report["config"]["matcher"]["name"] == "eloftr"
+    t = np.array(report["t"])
+    assert abs(np.linalg.norm(t) - np.linalg.norm(pair.T_1_0[:3, 3])) < 0.02  # metric baseline within 2 cm
+    assert rotation_error_deg(np.array(report["R"]), pair.T_1_0[:3, :3]) < 1.0
+
+
+def test_match_with_loftr_without_weights_is_a_clear_error(stereo_files, capsys):
+    folder, _, _, _ = stereo_files
+    code = main(["match", str(folder / "left.png"), str(folder / "right.png"), "--matcher", "loftr"])
+    assert code == 2
+    assert "needs weights=PATH" in capsys.readouterr().err
