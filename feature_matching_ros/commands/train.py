@@ -1,5 +1,5 @@
-"""``fmr train MODEL``: training commands, one sub-subcommand per model (``lightglue`` now; ``eloftr``,
-``sandesc`` can join by adding a ``_register_<model>`` function to :data:`MODELS`)."""
+"""``fmr train MODEL``: training commands, one sub-subcommand per model (lightglue, sandesc, eloftr); a new
+model joins by adding a ``_register_<model>`` function to :data:`MODELS`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def _register_lightglue(models) -> None:
     parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
     parser.add_argument("--cache", help="feature cache folder (default OUT/cache)")
     parser.add_argument("--detectors", nargs="+", default=list(d.detectors))
-    parser.add_argument("--descriptor", default=d.descriptor, choices=("aliked", "disk"),
-                        help="frozen descriptor network sampled at every detector's keypoints")
+    parser.add_argument("--descriptor", default=d.descriptor, choices=("aliked", "disk", "sandesc"),
+                        help="frozen descriptor network sampled at every detector's keypoints (sandesc: starts "
+                             "from the official ALIKED-LightGlue; SANDESC weights of the first detector)")
     parser.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--steps", type=int, default=d.steps)

@@ -165,7 +165,9 @@ class MultiDetectorExtractor:
                                                                 max_keypoints=settings.max_keypoints,
                                                                 nms_radius=settings.nms_radius, resize_max=0),
                                                   device, precision) for name in settings.detectors}
-        self.descriptor = _network(settings.descriptor, str(torch.device(device)), precision)
+        # SANDESC has weights per detector: the first detector's (the others sample the same map).
+        detector = settings.detectors[0] if settings.descriptor == "sandesc" else ""
+        self.descriptor = _network(settings.descriptor, str(torch.device(device)), precision, detector)
         self.pool = ThreadPoolExecutor(max(1, threads))
 
     chunk = 8  # pairs whose CPU detections are queued together

@@ -132,7 +132,9 @@ class LightGlueTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         # Early exit and pruning off: every layer runs and is supervised.
         matcher_config = MatcherConfig(depth_confidence=-1, width_confidence=-1, cuda_graphs=False)
-        self.matcher = LightGlueMatcher(config.descriptor, matcher_config, self.device, "fp32")
+        # SANDESC descriptors are 128-d like ALIKED's: start from the official ALIKED-LightGlue.
+        init = "aliked" if config.descriptor == "sandesc" else config.descriptor
+        self.matcher = LightGlueMatcher(init, matcher_config, self.device, "fp32")
         self.model = self.matcher.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
                                            weight_decay=config.weight_decay)
