@@ -116,3 +116,25 @@ def test_pose_failures_are_reported_not_raised():
 
     with pytest.raises(ValueError, match="NaN"):
         estimate_relative_pose(np.full((20, 2), np.nan), np.zeros((20, 2)), K, K)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_exported_official_weights_load_through_fmr_weights_dir(tmp_path, monkeypatch, int8):
+    """`fmr export-weights [--int8]` copies are tied to the pinned source and load in its place; a tampered copy is
+    refused by its sha256."""
+    from feature_matching_ros.cli import main
+    from feature_matching_ros.weights import WeightsError, load_official_state_dict
+
+    original = load_official_state_dict("aliked_n16")
+    assert main(["export-weights", str(tmp_path), "--names", "aliked_n16"] + (["--int8"] if int8 else [])) == 0
+    monkeypatch.setenv("FMR_WEIGHTS_DIR", str(tmp_path))
+    exported = load_official_state_dict("aliked_n16")
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        if value.is_floating_point() and value.numel():
+            scale = float(value.abs().max()) or 1.0
+            assert float((exported[key] - value).abs().max()) <= (0.005 if int8 else 0.001) * scale, key
+    weights_file = next(tmp_path.glob("aliked_n16*.safetensors"))
+    weights_file.write_bytes(weights_file.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_official_state_dict("aliked_n16")
