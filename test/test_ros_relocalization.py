@@ -500,3 +500,26 @@ def test_invalid_parameters_stop_the_node_with_a_named_error(ros_context, overri
             Parameter(k, value=v) for k, v in {**FAST_PARAMETERS, **overrides}.items()])
     for name in names:
         assert name in str(error.value), str(error.value)
+
+
+def test_eloftr_preset_closes_a_metric_loop_over_dds(ros_context, stereo):
+    """The detector-free preset through the node: keyframes keep their images, a named candidate is verified by
+    Efficient LoFTR's semi-dense matches (shipped weights) with the same PnP and acceptance checks."""
+    parameters = FAST_PARAMETERS | {"preset": "eloftr", "pipeline.device": "cpu", "engine.min_inliers": 40}
+    harness = Harness(ros_context, parameters, namespace="eloftr")
+    try:
+        harness.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], stereo["depth_left"], np.eye(4),
+                                               1.0))
+        harness.keyframes.publish(keyframe_msg(2, stereo["right"], stereo["K_right"], None, None, 2.0))
+        harness.wait_in_map(1, 2)
+        assert harness.node.engine.database.get(1).image is not None
+        harness.candidates.publish(LoopCandidates(query_id=2, candidate_ids=[1]))
+        loop = harness.wait_for(lambda: harness.messages("loop_closures") + harness.messages("rejected"), 60.0,
+                                "loop verdict")[0]
+        assert loop.accepted and loop.reason == "ok", loop.reason
+        assert loop.metric_scale and loop.num_matches > 100
+        T = conv.transform_to_matrix(loop.t_match_query)
+        assert np.linalg.norm(T[:3, 3] - [BASELINE_M, 0, 0]) < 0.02, T[:3, 3]
+        assert rotation_error_deg(T[:3, :3]) < 1.0
+    finally:
+        harness.close()
