@@ -104,12 +104,12 @@ class EfficientLoftrMatcher:
 
         self.device, self.precision, self.resize_max = device, precision, resize_max
         # coarse_threshold applies to the dual-softmax (full mode); optimized mode thresholds the similarity with
-        # the model's coarse_threshold_optimized (official value).
+        # coarse_threshold_optimized: the official value for a checkpoint path, ours for our weights (weights.py).
         conf = {"coarse_threshold": config.coarse_threshold, "optimized": config.eloftr_mode == "optimized"}
         if config.weights == "default":
-            from feature_matching_ros.weights import load_trained_eloftr_state_dict
+            from feature_matching_ros.weights import ELOFTR_CONF, load_trained_eloftr_state_dict
 
-            model = EfficientLoFTR(conf)
+            model = EfficientLoFTR(ELOFTR_CONF | conf)
             model.load_state_dict(load_trained_eloftr_state_dict())
         else:
             path = Path(config.weights).expanduser()
