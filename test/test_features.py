@@ -21,14 +21,6 @@ def small_image(graf) -> np.ndarray:
 @pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("descriptor", DESCRIPTORS)
 def test_every_detector_descriptor_combination(detector, descriptor, small_image):
-    if descriptor == "sandesc":  # trained weights ship separately (resource/sandesc/); test_sandesc.py covers the code
-        from feature_matching_ros.features.sandesc import sandesc_weights_path
-        from feature_matching_ros.weights import WeightsError
-
-        try:
-            sandesc_weights_path(detector)
-        except WeightsError as error:
-            pytest.skip(str(error))
     extractor = FeatureExtractor(FeatureConfig(detector=detector, descriptor=descriptor, max_keypoints=128))
     features = extractor(small_image)
     assert 20 <= len(features) <= 128

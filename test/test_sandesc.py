@@ -139,14 +139,12 @@ def test_extractor_and_nn_matcher(random_weights, graf):
 
 
 def test_shipped_weights_beat_chance():
-    """The trained weights in resource/sandesc/ (skipped until they ship)."""
+    """The trained weights shipped in resource/sandesc/ (sha256 pinned) load and match a held-out photo."""
     from feature_matching_ros.devdata import homography_errors, synthetic_homography_pair
     from feature_matching_ros.features.sandesc import SANDESC_DIR
     from feature_matching_ros.pipeline import MatchingPipeline
 
     path = SANDESC_DIR / "sandesc_orb.safetensors"
-    if not path.is_file():
-        pytest.skip(f"trained SANDESC weights not shipped yet: {path} is missing")
     _, meta = load_sandesc(path)
     assert meta["detector"] == "orb" and meta["num_parameters"] == 2_424_832
     pair = synthetic_homography_pair("coffee", 1)

@@ -48,7 +48,7 @@ def test_depth_labels_plane():
 
 
 def test_megadepth_loader(tmp_path):
-    h5py = pytest.importorskip("h5py")
+    h5py = pytest.importorskip("h5py", reason="h5py (MegaDepth depth maps, requirements.txt) is not installed")
     import cv2
 
     from feature_matching_ros.training.data import MegaDepthPairs, label_pair
