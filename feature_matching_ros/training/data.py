@@ -135,6 +135,15 @@ class MegaDepthPairs:
                 "T_1_0": T_1_0, "kind": "megadepth", "covisibility": float("nan"), "meta": {"pair": [a, b]}}
 
 
+def pair_sources(paths: Sequence[str], megadepth_root: str | None = None,
+                 scenes: Sequence[str] | None = None) -> list:
+    """The pair sources of a training run: make-pairs folders, plus MegaDepth when its root and scenes are given."""
+    sources: list = [PairFolder(paths)] if paths else []
+    if megadepth_root and scenes:
+        sources.append(MegaDepthPairs(megadepth_root, scenes))
+    return sources
+
+
 @dataclass
 class ExtractionSettings:
     detectors: tuple[str, ...] = DEFAULT_DETECTORS

@@ -21,22 +21,21 @@ coarse recall of ground-truth cells.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from feature_matching_ros.training.data import MegaDepthPairs, PairFolder
+from feature_matching_ros.training.base import Trainer
+from feature_matching_ros.training.data import pair_sources
 from feature_matching_ros.training.labels import _project_homography, sample_depth
 
 LOG = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 STRIDE = 8  # coarse cell size in pixels
 WINDOW0, WINDOW1 = 8, 10  # fine windows (pixels) of image 0 and image 1
 # Top-left pixel of a fine window relative to its coarse cell's top-left pixel (8x, 8y): image 0's window is the
@@ -75,11 +74,6 @@ class TrainConfig:
     log_every: int = 25
     max_pairs: int = 0  # use at most this many training pairs (0 = all; smoke tests)
     export: str | None = None  # fp16 safetensors shards of the final model here
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -222,13 +216,6 @@ class PairTensors:
         return image0, image1, [self.geometry[i] for i in index]
 
 
-def _sources(paths: list[str], megadepth_root: str | None = None, scenes: list[str] | None = None) -> list:
-    sources: list = [PairFolder(paths)] if paths else []
-    if megadepth_root and scenes:
-        sources.append(MegaDepthPairs(megadepth_root, scenes))
-    return sources
-
-
 # ----------------------------------------------------------------------------------------------- trainer
 def lr_at(step: int, progress: float, config: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * final_lr_factor`` at progress 1."""
@@ -238,61 +225,25 @@ def lr_at(step: int, progress: float, config: TrainConfig) -> float:
     return config.lr * (config.final_lr_factor + (1 - config.final_lr_factor) * cosine)
 
 
-class EfficientLoftrTrainer:
+class EfficientLoftrTrainer(Trainer):
     def __init__(self, config: TrainConfig) -> None:
         from feature_matching_ros.models.efficient_loftr import EfficientLoFTR
 
-        self.config = config
-        self.device = config.resolved_device()
-        cuda = self.device.type == "cuda"
-        self.autocast_dtype = (torch.bfloat16 if cuda and config.precision in ("auto", "bf16")
-                               else torch.float16 if cuda and config.precision == "fp16" else None)
-        torch.manual_seed(config.seed)
-        self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        super().__init__(config)
         self.model = EfficientLoFTR().to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.step = 0
-        self.elapsed_s = 0.0
-        self.history: list[dict] = []
-        self.validation: list[dict] = []
 
     def load_data(self) -> None:
         start = time.perf_counter()
-        self.train_data = PairTensors(_sources(self.config.train, self.config.megadepth_root,
+        self.train_data = PairTensors(pair_sources(self.config.train, self.config.megadepth_root,
                                                self.config.megadepth_scenes), self.device, self.config.max_pairs)
-        self.eval_data = PairTensors(_sources(self.config.eval), self.device) if self.config.eval else None
+        self.eval_data = PairTensors(pair_sources(self.config.eval), self.device) if self.config.eval else None
         if not len(self.train_data):
             raise ValueError("no training pairs: give --train folders (fmr make-pairs) or --megadepth-*")
         print(f"data: {len(self.train_data)} train pairs, {len(self.eval_data) if self.eval_data else 0} eval pairs, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
-    # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        path = self.out / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "config": asdict(self.config), "history": self.history, "validation": self.validation,
-                    "rng": torch.get_rng_state(), "elapsed_s": self.elapsed_s}, tmp)
-        tmp.replace(path)
-        return path
-
-    def resume(self, path: Path | None = None) -> None:
-        path = Path(path) if path else self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history, self.validation = state["step"], state["history"], state["validation"]
-        torch.set_rng_state(state["rng"])
-        self.elapsed_s = state.get("elapsed_s", 0.0)
-        print(f"resumed from {path} at step {self.step}", flush=True)
-
     # -- loss -----------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _coarse_targets(self, geometry: list[PairGeometry], hw: tuple[int, int], generator: torch.Generator
                         ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, ...]]:
         per_pair, picks = [], []
@@ -348,11 +299,6 @@ class EfficientLoftrTrainer:
                 "fine": float(loss_fine.detach()), "subpixel": float(loss_subpixel.detach()), "positives": float(len(positives) / len(geometry)),
                 "fine_valid": float(valid.float().mean()) if len(valid) else 0.0}
         return loss, logs
-
-    def progress(self) -> float:
-        config = self.config
-        by_time = self.elapsed_s / (60 * config.max_minutes) if config.max_minutes else 0.0
-        return max(self.step / max(1, config.steps), by_time)
 
     def train_step(self, image0, image1, geometry, generator) -> dict[str, float]:
         self.model.train()

@@ -15,19 +15,19 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from feature_matching_ros.config import MatcherConfig
-from feature_matching_ros.training.data import (DEFAULT_DETECTORS, ExtractionSettings, FeatureCache, MegaDepthPairs,
-                                                PairFolder, collate)
+from feature_matching_ros.training.base import Trainer
+from feature_matching_ros.training.data import (DEFAULT_DETECTORS, ExtractionSettings, FeatureCache, collate,
+                                                pair_sources)
 from feature_matching_ros.training.loss import lightglue_loss, match_metrics
 
 LOG = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -56,11 +56,6 @@ class TrainConfig:
     deadline: float = 0.0  # unix time by which training must stop (sets max_minutes at the start of fit); 0 = none
     log_every: int = 25
     export: str | None = None  # write fp16 safetensors shards of the final model here
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 def lr_at(progress: float, config: TrainConfig) -> float:
@@ -112,24 +107,11 @@ class Packed:
         return out
 
 
-def _sources(paths: list[str], megadepth_root: str | None = None, scenes: list[str] | None = None) -> list:
-    sources = [PairFolder(paths)] if paths else []
-    if megadepth_root and scenes:
-        sources.append(MegaDepthPairs(megadepth_root, scenes))
-    return sources
-
-
-class LightGlueTrainer:
+class LightGlueTrainer(Trainer):
     def __init__(self, config: TrainConfig) -> None:
         from feature_matching_ros.matchers.lightglue import LightGlueMatcher
 
-        self.config = config
-        self.device = config.resolved_device()
-        self.autocast_dtype = (torch.bfloat16 if self.device.type == "cuda" and config.precision in ("auto", "bf16")
-                               else torch.float16 if self.device.type == "cuda" and config.precision == "fp16" else None)
-        torch.manual_seed(config.seed)
-        self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        super().__init__(config)
         # Early exit and pruning off: every layer runs and is supervised.
         matcher_config = MatcherConfig(depth_confidence=-1, width_confidence=-1, cuda_graphs=False)
         # SANDESC descriptors are 128-d like ALIKED's: start from the official ALIKED-LightGlue.
@@ -138,10 +120,6 @@ class LightGlueTrainer:
         self.model = self.matcher.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.step = 0
-        self.elapsed_s = 0.0  # training time so far (survives resume)
-        self.history: list[dict] = []
-        self.validation: list[dict] = []
 
     # -- data ---------------------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -151,10 +129,10 @@ class LightGlueTrainer:
         precision = "fp16" if self.device.type == "cuda" else "fp32"
         start = time.perf_counter()
         train_samples: list[dict] = []
-        for source in _sources(config.train, config.megadepth_root, config.megadepth_scenes):
+        for source in pair_sources(config.train, config.megadepth_root, config.megadepth_scenes):
             train_samples += FeatureCache(source, settings, cache / "train", self.device, precision, progress).samples
         eval_samples: list[dict] = []
-        for source in _sources(config.eval):
+        for source in pair_sources(config.eval):
             eval_samples += FeatureCache(source, settings, cache / "eval", self.device, precision, progress).samples
         if not train_samples:
             raise ValueError("no training samples: give --train folders (fmr make-pairs) or --megadepth-*")
@@ -166,43 +144,11 @@ class LightGlueTrainer:
         print(f"data: {len(self.train_data)} train samples, {0 if self.eval_data is None else len(self.eval_data)} "
               f"eval samples, {time.perf_counter() - start:.0f} s, mean positives/pair {positives:.1f}", flush=True)
 
-    # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        path = self.out / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "config": asdict(self.config), "history": self.history, "validation": self.validation,
-                    "rng": torch.get_rng_state(), "elapsed_s": self.elapsed_s}, tmp)
-        tmp.replace(path)
-        return path
-
-    def resume(self, path: Path | None = None) -> None:
-        path = Path(path) if path else self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history, self.validation = state["step"], state["history"], state["validation"]
-        torch.set_rng_state(state["rng"])
-        self.elapsed_s = state.get("elapsed_s", 0.0)
-        LOG.info("resumed from %s at step %d", path, self.step)
-
     # -- training --------------------------------------------------------------------------------------------
-    def _autocast(self):
-        import contextlib
-
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def forward(self, batch: dict[str, torch.Tensor]):
         with self._autocast():
             return self.matcher.forward_layers(batch["kpts0"], batch["desc0"], batch["mask0"], batch["kpts1"],
                                                batch["desc1"], batch["mask1"])
-
-    def progress(self) -> float:
-        config = self.config
-        by_time = self.elapsed_s / (60 * config.max_minutes) if config.max_minutes else 0.0
-        return max(self.step / max(1, config.steps), by_time)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()

@@ -41,7 +41,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,9 @@ import torch
 
 from feature_matching_ros.models.sandesc import SANDesc, save_sandesc
 from feature_matching_ros.training.data import label_pair
-from feature_matching_ros.training.lightglue import CHECKPOINT, _sources, progress
+from feature_matching_ros.training.base import Trainer
+from feature_matching_ros.training.data import pair_sources
+from feature_matching_ros.training.lightglue import progress
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -88,11 +90,6 @@ class TrainConfig:
     deadline: float = 0.0  # unix time by which training must stop (sets max_minutes at the start of fit); 0 = none
     log_every: int = 25
     export: str | None = None  # write fp16 safetensors (+ history, validation) here
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
     def cache_key(self) -> str:
         text = json.dumps({"v": CACHE_VERSION, "det": self.detector, "kp": self.max_keypoints, "nms": self.nms_radius})
@@ -292,26 +289,16 @@ class PairSet:
                 "matches": self.matches[index]}
 
 
-class SandescTrainer:
+class SandescTrainer(Trainer):
     def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-        self.device = config.resolved_device()
-        self.autocast_dtype = (torch.bfloat16 if self.device.type == "cuda" and config.precision in ("auto", "bf16")
-                               else torch.float16 if self.device.type == "cuda" and config.precision == "fp16" else None)
-        torch.manual_seed(config.seed)
+        super().__init__(config)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.model = SANDesc().to(self.device)
         if self.device.type == "cuda":  # NHWC convolutions for bf16 tensor cores
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.step = 0
         self.p_random = config.p_start
-        self.elapsed_s = 0.0  # training time so far (survives resume)
-        self.history: list[dict] = []
-        self.validation: list[dict] = []
         self.train_data: PairSet | None = None
         self.eval_data: PairSet | None = None
 
@@ -323,11 +310,11 @@ class SandescTrainer:
         cache = (Path(config.cache) if config.cache else self.out / "cache") / config.cache_key()
         (cache / "train").mkdir(parents=True, exist_ok=True)
         (cache / "eval").mkdir(parents=True, exist_ok=True)
-        sources = _sources(config.train, config.megadepth_root, config.megadepth_scenes)
+        sources = pair_sources(config.train, config.megadepth_root, config.megadepth_scenes)
         if not sources:
             raise ValueError("no training pairs: give --train folders (fmr make-pairs) or --megadepth-*")
         self.train_data = PairSet(sources, detector, config, cache / "train", self.device, "train")
-        eval_sources = _sources(config.eval)
+        eval_sources = pair_sources(config.eval)
         self.eval_data = (PairSet(eval_sources, detector, config, cache / "eval", self.device, "eval")
                           if eval_sources else None)
         print(f"data: {len(self.train_data)} train pairs, {0 if self.eval_data is None else len(self.eval_data)} eval "
@@ -335,36 +322,16 @@ class SandescTrainer:
               f"{self.train_data.positives:.1f}, {time.perf_counter() - start:.0f} s", flush=True)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        path = self.out / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "p_random": self.p_random, "config": asdict(self.config), "history": self.history,
-                 "validation": self.validation, "elapsed_s": self.elapsed_s, "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+    def extra_state(self) -> dict:
+        return {"p_random": self.p_random,
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
 
-    def resume(self, path: Path | None = None) -> None:
-        path = Path(path) if path else self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.p_random = state["step"], state["p_random"]
-        self.history, self.validation = state["history"], state["validation"]
-        self.elapsed_s = state.get("elapsed_s", 0.0)
-        torch.set_rng_state(state["rng"].cpu())
+    def load_extra_state(self, state: dict) -> None:
+        self.p_random = state["p_random"]
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-        print(f"resumed from {path} at step {self.step} (p_random {self.p_random:.4f})", flush=True)
 
     # -- training --------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _generators(self, step: int) -> tuple[np.random.Generator, torch.Generator]:
         """Per-step randomness (batch choice; flips and negatives) from (seed, step): resume is exact."""
         generator = torch.Generator(device=self.device)
@@ -393,11 +360,6 @@ class SandescTrainer:
         m, mask = batch["matches"], batch["mask"]
         return triplet_loss(desc[:, 0], desc[:, 1], kpts[:, 0], kpts[:, 1], m[:, 0], m[:, 1], mask[:, 0], mask[:, 1],
                             p_random, self.config.margin, self.config.exclusion_px, generator)
-
-    def progress(self) -> float:
-        config = self.config
-        by_time = self.elapsed_s / (60 * config.max_minutes) if config.max_minutes else 0.0
-        return max(self.step / max(1, config.steps), by_time)
 
     def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, float]:
         self.model.train()
