@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_matching import dev_pairs, evaluate_combination, machine_description  # noqa: E402
+from bench_matching import dev_pairs, evaluate_combination, machine_description, memoised  # noqa: E402
 
 from feature_matching_ros.config import FeatureConfig, MatcherConfig, PipelineConfig  # noqa: E402
 from feature_matching_ros.matchers import build_matcher  # noqa: E402
@@ -28,17 +28,6 @@ from feature_matching_ros.pipeline import MatchingPipeline  # noqa: E402
 
 DETECTORS = ("orb", "orb_multiscale", "sift", "aliked", "disk", "xfeat")
 WEIGHTS = ("official", "agnostic")
-
-
-def _memoised(extract):
-    """Extract each image once (keyed by identity; the pairs list keeps the images alive)."""
-    cache: dict[int, object] = {}
-
-    def wrapper(image):
-        if id(image) not in cache:
-            cache[id(image)] = extract(image)
-        return cache[id(image)]
-    return wrapper
 
 
 def main() -> int:
@@ -65,7 +54,7 @@ def main() -> int:
                                                        max_keypoints=args.max_keypoints),
                                 matcher=MatcherConfig(), device=args.device, precision="fp32")
         pipeline = MatchingPipeline(config)
-        pipeline.extract = _memoised(pipeline.extract)
+        pipeline.extract = memoised(pipeline.extract)
         for weights in WEIGHTS:
             matcher_config = MatcherConfig(weights=weights)
             pipeline.config.matcher = matcher_config

@@ -55,6 +55,18 @@ def dev_pairs(pairs_dir: Path | None, rendered: int) -> list[HomographyPair | Po
     return pairs
 
 
+def memoised(extract):
+    """Extract each image once per pipeline (keyed by identity; the pairs list keeps the images alive), so several
+    matchers or metrics over the same pairs reuse the features."""
+    cache: dict[int, object] = {}
+
+    def wrapper(image):
+        if id(image) not in cache:
+            cache[id(image)] = extract(image)
+        return cache[id(image)]
+    return wrapper
+
+
 def evaluate_combination(pipeline: MatchingPipeline, pairs) -> dict:
     matches, correct_fractions, inliers, pose_errors, timings = [], [], [], [], []
     for pair in pairs:

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_matching import dev_pairs, evaluate_combination, machine_description  # noqa: E402
+from bench_matching import dev_pairs, evaluate_combination, machine_description, memoised  # noqa: E402
 
 from feature_matching_ros.config import FeatureConfig, MatcherConfig, PipelineConfig, PoseConfig  # noqa: E402
 from feature_matching_ros.devdata import HomographyPair, load_graf  # noqa: E402
@@ -46,17 +46,6 @@ from feature_matching_ros.weights import WeightsError  # noqa: E402
 
 DETECTORS = ("orb", "aliked")
 DEV_PAIRS = 5  # graf, motorcycle, 3 synthetic homographies come first in dev_pairs()
-
-
-def _memoised(extract):
-    """Extract each image once per pipeline (keyed by identity; the pairs list keeps the images alive)."""
-    cache: dict[int, object] = {}
-
-    def wrapper(image):
-        if id(image) not in cache:
-            cache[id(image)] = extract(image)
-        return cache[id(image)]
-    return wrapper
 
 
 def homography_accuracy(pipeline: MatchingPipeline, pairs) -> dict[str, float]:
@@ -169,7 +158,7 @@ def main() -> int:
                 pipeline.matcher = LightGlueMatcher("aliked", MatcherConfig(), pipeline.device, pipeline.precision)
                 pipeline.matcher.descriptor_type = pipeline.extractor.descriptor_type  # lift the guard, on purpose
             total_ms, describe_ms = timing(pipeline, timing_image, args.repeat)
-            pipeline.extract = _memoised(pipeline.extract)
+            pipeline.extract = memoised(pipeline.extract)
             result = evaluate_combination(pipeline, pairs) | homography_accuracy(pipeline, pairs)
             result |= {"ms": total_ms, "describe_ms": describe_ms, "params": parameters(pipeline), "weights": label,
                        "dim": int(pipeline.extract(pairs[0].image0).descriptors.shape[1])}

@@ -1,9 +1,44 @@
 """``fmr train MODEL``: training commands, one sub-subcommand per model (lightglue, sandesc, eloftr); a new
-model joins by adding a ``_register_<model>`` function to :data:`MODELS`."""
+model joins by adding a ``_register_<model>`` function to :data:`MODELS`.
+
+Every model takes the same data and run options (:func:`_add_data_arguments`, :func:`_add_run_arguments`);
+options named like a field of the model's ``TrainConfig`` fill that field (:func:`_config_from_args`).
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
+    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
+    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
+    parser.add_argument("--out", default=defaults.out, help="run folder: checkpoint.pt, history.json, validation.json")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, defaults, export_help: str) -> None:
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
+                        help="stop with a checkpoint after this")
+    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--export", help=export_help)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def _config_from_args(config_cls, args: argparse.Namespace, **values):
+    """``config_cls`` filled from the parsed options that share a field's name, then from ``values``."""
+    names = {field.name for field in fields(config_cls)}
+    return config_cls(**({k: v for k, v in vars(args).items() if k in names} | values))
 
 
 def _register_lightglue(models) -> None:
@@ -15,31 +50,16 @@ def _register_lightglue(models) -> None:
         description="Starts from the official ALIKED-LightGlue; the descriptor network stays frozen; keypoints of "
                     "several detectors, all described by ALIKED, labelled as glue-factory does. "
                     "Data: folders from `fmr make-pairs` (and/or MegaDepth scene_info + depth h5).")
-    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
-    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
-    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
-    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
-    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
+    _add_data_arguments(parser, d)
     parser.add_argument("--cache", help="feature cache folder (default OUT/cache)")
     parser.add_argument("--detectors", nargs="+", default=list(d.detectors))
     parser.add_argument("--descriptor", default=d.descriptor, choices=("aliked", "disk", "sandesc"),
                         help="frozen descriptor network sampled at every detector's keypoints (sandesc: starts "
                              "from the official ALIKED-LightGlue; SANDESC weights of the first detector)")
     parser.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--decay-start", type=float, default=d.decay_start, help="fraction of steps at constant lr")
     parser.add_argument("--final-lr-factor", type=float, default=d.final_lr_factor)
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
-    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--export", help="write fp16 safetensors shards of the final model to this folder")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_run_arguments(parser, d, "write fp16 safetensors shards of the final model to this folder")
     parser.set_defaults(func=_run_lightglue)
 
 
@@ -50,14 +70,7 @@ def _run_lightglue(args: argparse.Namespace) -> int:
     unknown = [d for d in args.detectors if d not in DETECTORS]
     if unknown:
         raise SystemExit(f"unknown detectors {unknown}; allowed: {', '.join(DETECTORS)}")
-    config = TrainConfig(
-        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
-        out=args.out, cache=args.cache, detectors=tuple(args.detectors), descriptor=args.descriptor,
-        max_keypoints=args.max_keypoints, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-        decay_start=args.decay_start, final_lr_factor=args.final_lr_factor, device=args.device,
-        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every, export=args.export)
-    train_lightglue(config, resume=args.resume)
+    train_lightglue(_config_from_args(TrainConfig, args, detectors=tuple(args.detectors)), resume=args.resume)
     return 0
 
 
@@ -73,49 +86,26 @@ def _register_sandesc(models) -> None:
                     "between the chosen detector's keypoints. Data: folders from `fmr make-pairs` (and/or "
                     "MegaDepth scene_info + depth h5). --export DIR writes DIR/sandesc_<detector>.safetensors, "
                     "the file `descriptor: sandesc` loads from resource/sandesc/ (or FMR_SANDESC_WEIGHTS).")
-    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
-    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
-    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
-    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
-    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
+    _add_data_arguments(parser, d)
     parser.add_argument("--cache", help="keypoint + label cache folder (default OUT/cache)")
     parser.add_argument("--detector", default=d.detector, choices=DETECTORS,
                         help="whose keypoints the descriptors are trained on (one weights file per detector)")
     parser.add_argument("--max-keypoints", type=int, default=d.max_keypoints)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate after the warm-up")
     parser.add_argument("--final-lr", type=float, default=d.final_lr, help="learning rate at the end (cosine decay)")
     parser.add_argument("--warmup", type=float, default=d.warmup, help="fraction of the run spent warming up")
     parser.add_argument("--margin", type=float, default=d.margin)
     parser.add_argument("--p-decay", type=float, default=d.p_decay,
                         help="per-step factor of the random-negative probability (starts at 1)")
     parser.add_argument("--no-augment", action="store_true", help="no horizontal flips of the pairs")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
-    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--export", help="write fp16 sandesc_<detector>.safetensors (+ history, validation) here")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_run_arguments(parser, d, "write fp16 sandesc_<detector>.safetensors (+ history, validation) here")
     parser.set_defaults(func=_run_sandesc)
 
 
 def _run_sandesc(args: argparse.Namespace) -> int:
     from feature_matching_ros.training.sandesc import TrainConfig, train_sandesc
 
-    config = TrainConfig(
-        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
-        out=args.out, cache=args.cache, detector=args.detector, max_keypoints=args.max_keypoints,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr, final_lr=args.final_lr, warmup=args.warmup,
-        margin=args.margin, p_decay=args.p_decay, augment=not args.no_augment, device=args.device,
-        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every,
-        export=args.export)
-    train_sandesc(config, resume=args.resume)
+    train_sandesc(_config_from_args(TrainConfig, args, augment=not args.no_augment), resume=args.resume)
     return 0
 
 
@@ -128,42 +118,20 @@ def _register_eloftr(models) -> None:
         description="Coarse focal loss on ground-truth cell pairs, fine stage-1 focal loss and stage-2 sub-pixel L2 "
                     "(weight 0.25); ground truth from the exact homography / depth + pose of each pair. "
                     "Data: folders from `fmr make-pairs` (one image size, multiples of 32), and/or MegaDepth.")
-    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
-    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
-    parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
-    parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
-    parser.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, history.json, validation.json")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    _add_data_arguments(parser, d)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--fine-per-pair", type=int, default=d.fine_per_pair,
                         help="ground-truth coarse pairs refined per image pair")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop with a checkpoint after this")
-    parser.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (GPU leases)")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0 = all)")
-    parser.add_argument("--export", help="write fp16 safetensors shards of the final model to this folder")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_run_arguments(parser, d, "write fp16 safetensors shards of the final model to this folder")
     parser.set_defaults(func=_run_eloftr)
 
 
 def _run_eloftr(args: argparse.Namespace) -> int:
     from feature_matching_ros.training.eloftr import TrainConfig, train_eloftr
 
-    config = TrainConfig(
-        train=args.train, eval=args.eval, megadepth_root=args.megadepth_root, megadepth_scenes=args.megadepth_scenes,
-        out=args.out, batch_size=args.batch_size, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, fine_per_pair=args.fine_per_pair, device=args.device,
-        precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        max_minutes=args.max_minutes, deadline=args.deadline, log_every=args.log_every, max_pairs=args.max_pairs,
-        export=args.export)
-    train_eloftr(config, resume=args.resume)
+    train_eloftr(_config_from_args(TrainConfig, args), resume=args.resume)
     return 0
 
 
@@ -171,7 +139,7 @@ MODELS = (_register_lightglue, _register_sandesc, _register_eloftr)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train models (lightglue, sandesc)",
+    parser = subparsers.add_parser("train", help="train models (lightglue, sandesc, eloftr)",
                                    description="Training commands; see `fmr train MODEL --help`.")
     models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
     for register_model in MODELS:

@@ -75,6 +75,15 @@ def _gray_batch(images: Sequence[PreparedImage], divisor: int, device: torch.dev
     return batch, mask
 
 
+def _prepare(query: np.ndarray, candidates: Sequence[np.ndarray], resize_max: int, divisor: int,
+             device: torch.device) -> tuple[PreparedImage, list[PreparedImage], torch.Tensor, torch.Tensor]:
+    """Validate and shrink the images, then batch them (query first) as :func:`_gray_batch` does."""
+    prepared0 = prepare_image(query, resize_max, device)
+    prepared1 = [prepare_image(c, resize_max, device) for c in candidates]
+    images, masks = _gray_batch([prepared0, *prepared1], divisor, device)
+    return prepared0, prepared1, images, masks
+
+
 def _split(prepared0: PreparedImage, prepared1: Sequence[PreparedImage], keypoints0: torch.Tensor,
            keypoints1: torch.Tensor, scores: torch.Tensor, batch_indexes: torch.Tensor) -> list[DenseMatches]:
     """Per-pair matches in original pixels; matches outside either image's real area (padding) are dropped."""
@@ -141,9 +150,7 @@ class EfficientLoftrMatcher:
     def match_images(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[DenseMatches]:
         if not len(candidates):
             return []
-        prepared0 = prepare_image(query, self.resize_max, self.device)
-        prepared1 = [prepare_image(c, self.resize_max, self.device) for c in candidates]
-        images, _ = _gray_batch([prepared0, *prepared1], self.divisor, self.device)
+        prepared0, prepared1, images, _ = _prepare(query, candidates, self.resize_max, self.divisor, self.device)
         image0 = images[:1].expand(len(prepared1), -1, -1, -1).contiguous()
         dense_stage = self._graphs or self._dense_stage
         dense = dict(zip(self._dense_keys, dense_stage(image0, images[1:])))
@@ -199,9 +206,7 @@ class LoftrMatcher:
     def match_images(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[DenseMatches]:
         if not len(candidates):
             return []
-        prepared0 = prepare_image(query, self.resize_max, self.device)
-        prepared1 = [prepare_image(c, self.resize_max, self.device) for c in candidates]
-        images, masks = _gray_batch([prepared0, *prepared1], self.divisor, self.device)
+        prepared0, prepared1, images, masks = _prepare(query, candidates, self.resize_max, self.divisor, self.device)
         count = len(prepared1)
         data = {"image0": images[:1].expand(count, -1, -1, -1), "image1": images[1:]}
         if not bool(masks.all()):

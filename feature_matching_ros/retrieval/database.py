@@ -19,7 +19,7 @@ they go through a sparse inverted file (scipy CSR, words x keyframes) instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp

@@ -9,6 +9,8 @@ Each trainer (lightglue, eloftr, sandesc) subclasses :class:`Trainer`, builds ``
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,45 @@ class Trainer:
         config = self.config
         by_time = self.elapsed_s / (60 * config.max_minutes) if config.max_minutes else 0.0
         return max(self.step / max(1, config.steps), by_time)
+
+    def start_budget(self) -> float:
+        """Turn ``config.deadline`` (unix time) into ``max_minutes`` for this run; returns the perf_counter origin
+        of the training clock (so ``elapsed_s`` continues across resumes)."""
+        config = self.config
+        if config.deadline:
+            config.max_minutes = max(0.2, (config.deadline - time.time()) / 60 + self.elapsed_s / 60)
+            print(f"training for at most {config.max_minutes:.1f} min (deadline)", flush=True)
+        return time.perf_counter() - self.elapsed_s
+
+    def optimise(self, loss: torch.Tensor, lr: float, logs: dict[str, float]) -> None:
+        """One optimiser step at learning rate ``lr``: refuses a non-finite loss, clips gradients, counts the step."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+
+    def end_of_step(self, start: float) -> bool:
+        """Checkpoint every ``checkpoint_every`` steps; True once the time budget is spent."""
+        config = self.config
+        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+        self.elapsed_s = time.perf_counter() - start
+        return bool(config.max_minutes) and self.elapsed_s > 60 * config.max_minutes
+
+    def export_shards(self, folder: Path | str, stem: str) -> dict[str, str]:
+        """fp16 safetensors shards of the model (each fits the 16 MiB a GPU lease returns per file) plus
+        ``{stem}.json`` listing them -> {file: sha256}."""
+        from feature_matching_ros.weights import save_sharded_safetensors
+
+        shards = save_sharded_safetensors(self.model.state_dict(), Path(folder), stem)
+        (Path(folder) / f"{stem}.json").write_text(json.dumps(shards, indent=1) + "\n")
+        return shards
 
     def extra_state(self) -> dict[str, Any]:
         """Trainer-specific checkpoint entries."""

@@ -303,17 +303,8 @@ class EfficientLoftrTrainer(Trainer):
     def train_step(self, image0, image1, geometry, generator) -> dict[str, float]:
         self.model.train()
         lr = lr_at(self.step, self.progress(), self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss, logs = self.losses(image0, image1, geometry, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.step += 1
+        self.optimise(loss, lr, logs)
         return logs | {"lr": lr}
 
     @torch.no_grad()
@@ -356,12 +347,9 @@ class EfficientLoftrTrainer(Trainer):
 
     def fit(self) -> None:
         config = self.config
-        if config.deadline:
-            config.max_minutes = max(0.2, (config.deadline - time.time()) / 60 + self.elapsed_s / 60)
-            print(f"training for at most {config.max_minutes:.1f} min (deadline)", flush=True)
+        start = self.start_budget()
         rng = np.random.default_rng([config.seed, self.step])
         generator = torch.Generator().manual_seed(config.seed * 7919 + self.step)
-        start = time.perf_counter() - self.elapsed_s
         window: list[dict] = []
         steps_per_epoch = max(1, len(self.train_data) // config.batch_size)
         while self.step < config.steps:
@@ -381,10 +369,7 @@ class EfficientLoftrTrainer(Trainer):
                           f"fine {mean['fine']:.4f} subpixel {mean['subpixel']:.4f}) positives/pair "
                           f"{mean['positives']:.0f} lr {mean['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-                self.elapsed_s = time.perf_counter() - start
-                if config.max_minutes and self.elapsed_s > 60 * config.max_minutes:
+                if self.end_of_step(start):
                     print(f"time budget reached at step {self.step}", flush=True)
                     self.validate()
                     self.save_checkpoint()
@@ -394,11 +379,7 @@ class EfficientLoftrTrainer(Trainer):
 
     def export(self, folder: Path | str, stem: str = "eloftr_synthetic") -> dict[str, str]:
         """fp16 safetensors shards (official key names, training form) -> {file: sha256}."""
-        from feature_matching_ros.weights import save_sharded_safetensors
-
-        shards = save_sharded_safetensors(self.model.state_dict(), Path(folder), stem)
-        (Path(folder) / f"{stem}.json").write_text(json.dumps(shards, indent=1) + "\n")
-        return shards
+        return self.export_shards(folder, stem)
 
 
 def train_eloftr(config: TrainConfig, resume: bool = False) -> EfficientLoftrTrainer:

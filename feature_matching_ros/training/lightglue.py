@@ -153,18 +153,9 @@ class LightGlueTrainer(Trainer):
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
         lr = lr_at(self.progress(), self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         log_assignments, confidences = self.forward(batch)
         loss, logs = lightglue_loss(log_assignments, confidences, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.step += 1
+        self.optimise(loss, lr, logs)
         return logs | {"lr": lr, "step": self.step}
 
     @torch.no_grad()
@@ -207,12 +198,9 @@ class LightGlueTrainer(Trainer):
         config = self.config
         if self.step == 0 and not self.validation:
             self.validate()
-        if config.deadline:
-            config.max_minutes = max(0.2, (config.deadline - time.time()) / 60 + self.elapsed_s / 60)
-            print(f"training for at most {config.max_minutes:.1f} min (deadline)", flush=True)
+        start = self.start_budget()
         steps_per_epoch = math.ceil(len(self.train_data) / config.batch_size)
         rng = np.random.default_rng([config.seed, self.step])
-        start = time.perf_counter() - self.elapsed_s
         window: list[dict] = []
         while self.step < config.steps:
             order = rng.permutation(len(self.train_data))
@@ -233,10 +221,7 @@ class LightGlueTrainer(Trainer):
                           f"conf {mean['conf']:.4f} pos {mean['pos_last']:.3f} neg {mean['neg_last']:.3f}) "
                           f"lr {logs['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-                self.elapsed_s = time.perf_counter() - start
-                if config.max_minutes and self.elapsed_s > 60 * config.max_minutes:
+                if self.end_of_step(start):
                     LOG.warning("time budget of %.1f min reached at step %d", config.max_minutes, self.step)
                     print(f"time budget reached at step {self.step}", flush=True)
                     self.validate()
@@ -248,11 +233,7 @@ class LightGlueTrainer(Trainer):
 
     def export(self, folder: Path | str, stem: str = "aliked_lightglue_agnostic") -> dict[str, str]:
         """fp16 safetensors shards of the model (kornia key names) -> {file: sha256}."""
-        from feature_matching_ros.weights import save_sharded_safetensors
-
-        shards = save_sharded_safetensors(self.model.state_dict(), Path(folder), stem)
-        (Path(folder) / f"{stem}.json").write_text(json.dumps(shards, indent=1) + "\n")
-        return shards
+        return self.export_shards(folder, stem)
 
 
 def train_lightglue(config: TrainConfig, resume: bool = False) -> LightGlueTrainer:

@@ -364,17 +364,8 @@ class SandescTrainer(Trainer):
     def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, float]:
         self.model.train()
         lr = lr_at(self.progress(), self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss, logs = self.loss(batch, generator, self.p_random, self.config.augment)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.step += 1
+        self.optimise(loss, lr, logs)
         logs |= {"lr": lr, "p_random": self.p_random, "step": self.step}
         self.p_random *= self.config.p_decay
         return logs
@@ -426,10 +417,7 @@ class SandescTrainer(Trainer):
             raise RuntimeError("call load_data() first")
         if self.step == 0 and not self.validation:
             self.validate()
-        if config.deadline:
-            config.max_minutes = max(0.2, (config.deadline - time.time()) / 60 + self.elapsed_s / 60)
-            print(f"training for at most {config.max_minutes:.1f} min (deadline)", flush=True)
-        start = time.perf_counter() - self.elapsed_s
+        start = self.start_budget()
         window: list[dict] = []
         size = len(self.train_data)
         while self.step < config.steps:
@@ -448,10 +436,7 @@ class SandescTrainer(Trainer):
                 window = []
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self.validate()
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                self.save_checkpoint()
-            self.elapsed_s = time.perf_counter() - start
-            if config.max_minutes and self.elapsed_s > 60 * config.max_minutes:
+            if self.end_of_step(start):
                 print(f"time budget of {config.max_minutes:.1f} min reached at step {self.step}", flush=True)
                 break
         self.validate()
