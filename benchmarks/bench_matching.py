@@ -80,7 +80,7 @@ def evaluate_combination(pipeline: MatchingPipeline, pairs) -> dict:
             pose_errors.append(max(relative_pose_error_deg(result.pose.T_1_0, pair.T_1_0)) if result.success
                                else np.inf)
             inliers.append(result.pose.num_inliers)
-        elif pipeline.detector_free:
+        elif pipeline.needs_images:
             dense = pipeline.match_images(pair.image0, [pair.image1])[0]
             found = np.zeros((len(dense), 2))
             errors = homography_errors(pair.H_1_0, dense.keypoints0, dense.keypoints1)

@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from feature_matching_ros.relocalizer import build_engine
+    from feature_matching_ros.engine import build_engine
 
     override = {"engine": {"retrieval": {"top_k": args.top_k, "exclude_recent_seconds": 0.0,
                                          "exclude_recent_count": 0}}}

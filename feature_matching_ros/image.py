@@ -57,6 +57,11 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(converted)
 
 
+def gray_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 gray of any supported image (the checks of :func:`to_rgb_uint8`)."""
+    return cv2.cvtColor(to_rgb_uint8(image), cv2.COLOR_RGB2GRAY)
+
+
 @dataclass
 class PreparedImage:
     """An image resized for the networks, with both the numpy and the torch views they need.

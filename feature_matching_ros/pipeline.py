@@ -16,8 +16,10 @@ import torch
 
 from feature_matching_ros.config import ConfigError, PipelineConfig
 from feature_matching_ros.features import FeatureExtractor, Features
+from feature_matching_ros.image import gray_uint8
 from feature_matching_ros.geometry.pose import RelativePose, check_intrinsics, estimate_relative_pose
 from feature_matching_ros.matchers import PairMatches, build_matcher
+from feature_matching_ros.matchers.base import Correspondences, View
 from feature_matching_ros.matchers.dense import DenseMatches
 
 LOG = logging.getLogger(__name__)
@@ -107,6 +109,9 @@ class PairResult:
 
 
 class MatchingPipeline:
+    """Extract, match, pose. ``correspond`` is the one matching call for every matcher: views in (features for
+    sparse matchers, gray pixels for detector-free ones, as ``needs_images`` says), :class:`Correspondences` out."""
+
     def __init__(self, config: PipelineConfig | None = None) -> None:
         self.config = config or PipelineConfig()
         self.device = resolve_device(self.config.device)
@@ -114,8 +119,8 @@ class MatchingPipeline:
         limit_host_threads_for_gpu(self.device)
         # Detector-free matchers (eloftr, loftr) match images; the extractor then only serves retrieval.
         self.extractor = FeatureExtractor(self.config.features, self.device, self.precision)
-        self.detector_free = self.config.detector_free
-        if self.detector_free:
+        self.needs_images = self.config.detector_free
+        if self.needs_images:
             from feature_matching_ros.matchers.dense import build_dense_matcher
 
             self.dense_matcher = build_dense_matcher(self.config.matcher, self.config.features.resize_max,
@@ -132,15 +137,36 @@ class MatchingPipeline:
         return self.extractor(image)
 
     def match(self, query: Features, candidates: Sequence[Features]) -> list[PairMatches]:
-        if self.detector_free:
+        """Sparse matchers: keypoint indices of one query against k candidates."""
+        if self.needs_images:
             raise TypeError(f"matcher={self.config.matcher.name} is detector-free: use match_images")
         return self.matcher.match(query, candidates)
 
     def match_images(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[DenseMatches]:
         """Detector-free matching of one image against k images (pixels of the original images)."""
-        if not self.detector_free:
+        if not self.needs_images:
             raise TypeError(f"matcher={self.config.matcher.name} matches features: use extract + match")
         return self.dense_matcher.match_images(query, candidates)
+
+    def correspond(self, query: View, candidates: Sequence[View]) -> list[Correspondences]:
+        """Match one query view against k candidate views (one batched call); one result per candidate."""
+        if self.needs_images:
+            missing = [i for i, view in enumerate([query, *candidates]) if view.image is None]
+            if missing:
+                raise ValueError(f"matcher={self.config.matcher.name} matches pixels: views {missing} have no image")
+            return [Correspondences(dense.keypoints0, dense.keypoints1, dense.scores)
+                    for dense in self.match_images(query.image, [view.image for view in candidates])]
+        if query.features is None or any(view.features is None for view in candidates):
+            raise ValueError(f"matcher={self.config.matcher.name} matches features: every view needs features")
+        keypoints0 = query.features.keypoints_numpy()
+        return [Correspondences.from_indices(keypoints0, view.features.keypoints_numpy(), matches)
+                for view, matches in zip(candidates, self.match(query.features, [v.features for v in candidates]))]
+
+    def view(self, image: np.ndarray) -> View:
+        """What ``correspond`` needs of an image: its gray pixels or its extracted features."""
+        if self.needs_images:
+            return View(image=gray_uint8(image))
+        return View(features=self.extract(image))
 
     def match_pair(self, image0: np.ndarray, image1: np.ndarray, K0: np.ndarray, K1: np.ndarray,
                    depth0: np.ndarray | None = None, depth1: np.ndarray | None = None) -> PairResult:
@@ -151,51 +177,37 @@ class MatchingPipeline:
                 raise ValueError(f"{name} of shape {np.asarray(depth).shape[:2]} does not match its image "
                                  f"{np.asarray(image).shape[:2]}")
         timing: dict[str, float] = {}
-        if self.detector_free:
-            return self._match_pair_detector_free(image0, image1, K0, K1, depth0, depth1, timing)
+        empty_points = np.zeros((0, 2), np.float32)
         try:
-            features0 = self.extract(image0)
-            timing.update({f"{k}0": v for k, v in self.extractor.last_timing_ms.items()})
-            features1 = self.extract(image1)
-            timing.update({f"{k}1": v for k, v in self.extractor.last_timing_ms.items()})
-            keypoints0, keypoints1 = features0.keypoints_numpy(), features1.keypoints_numpy()
-            for index, features in enumerate((features0, features1)):
-                if len(features) == 0:
-                    return PairResult(keypoints0, keypoints1, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
-                                      RelativePose(False, f"no keypoints in image {index} (textureless or blank?)"),
-                                      timing)
+            views = []
+            for index, image in enumerate((image0, image1)):
+                views.append(self.view(image))
+                if views[-1].features is not None:
+                    timing.update({f"{k}{index}": v for k, v in self.extractor.last_timing_ms.items()})
+                    if len(views[-1].features) == 0:
+                        keypoints = [v.features.keypoints_numpy() for v in views] + [empty_points]
+                        return PairResult(keypoints[0], keypoints[1], np.zeros((0, 2), np.int64),
+                                          np.zeros(0, np.float32),
+                                          RelativePose(False, f"no keypoints in image {index} (textureless or "
+                                                       "blank?)"), timing)
             start = time.perf_counter()
-            matches = self.match(features0, [features1])[0]
+            correspondences = self.correspond(views[0], [views[1]])[0]
             self._sync()
             timing["match"] = (time.perf_counter() - start) * 1e3
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            LOG.error("GPU out of memory while matching; lower max_keypoints or resize_max, or use device=cpu")
-            empty = np.zeros((0, 2), np.float32)
-            return PairResult(empty, empty, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
+            LOG.error("GPU out of memory while matching (%s); lower max_keypoints or resize_max, or use device=cpu",
+                      self.config.matcher.name)
+            return PairResult(empty_points, empty_points, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
                               RelativePose(False, "GPU out of memory"), timing)
         start = time.perf_counter()
-        pose = estimate_relative_pose(keypoints0[matches.matches[:, 0]], keypoints1[matches.matches[:, 1]], K0, K1,
-                                      self.config.pose, depth0=depth0, depth1=depth1)
-        timing["pose"] = (time.perf_counter() - start) * 1e3
-        return PairResult(keypoints0, keypoints1, matches.matches, matches.scores, pose, timing)
-
-    def _match_pair_detector_free(self, image0, image1, K0, K1, depth0, depth1, timing) -> PairResult:
-        """Semi-dense matches become keypoint lists with identity matches, so the same pose code runs."""
-        try:
-            start = time.perf_counter()
-            dense = self.match_images(image0, [image1])[0]
-            self._sync()
-            timing["match"] = (time.perf_counter() - start) * 1e3
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            LOG.error("GPU out of memory in %s; lower resize_max or use device=cpu", self.config.matcher.name)
-            empty = np.zeros((0, 2), np.float32)
-            return PairResult(empty, empty, np.zeros((0, 2), np.int64), np.zeros(0, np.float32),
-                              RelativePose(False, "GPU out of memory"), timing)
-        matches = np.repeat(np.arange(len(dense), dtype=np.int64)[:, None], 2, axis=1)
-        start = time.perf_counter()
-        pose = estimate_relative_pose(dense.keypoints0, dense.keypoints1, K0, K1, self.config.pose,
+        pose = estimate_relative_pose(correspondences.points0, correspondences.points1, K0, K1, self.config.pose,
                                       depth0=depth0, depth1=depth1)
         timing["pose"] = (time.perf_counter() - start) * 1e3
-        return PairResult(dense.keypoints0, dense.keypoints1, matches, dense.scores, pose, timing)
+        if correspondences.index0 is None:  # detector-free: the matched pixels are the keypoints
+            keypoints0, keypoints1 = correspondences.points0, correspondences.points1
+            matches = np.repeat(np.arange(len(correspondences), dtype=np.int64)[:, None], 2, axis=1)
+        else:
+            keypoints0, keypoints1 = views[0].features.keypoints_numpy(), views[1].features.keypoints_numpy()
+            matches = np.stack([correspondences.index0, correspondences.index1], 1)
+        return PairResult(keypoints0, keypoints1, matches, correspondences.scores, pose, timing)

@@ -3,7 +3,7 @@
 ``fmr evaluate --config NAME``, the benchmarks and the ROS node's parameter files (config/*.yaml) all
 resolve a name here, so a preset means the same thing everywhere. Each preset is a nested dict with
 two sections: ``pipeline`` (for :meth:`PipelineConfig.from_dict`) and ``engine`` (for
-:meth:`feature_matching_ros.relocalizer.EngineConfig.from_dict`); a YAML file may override any key.
+:meth:`feature_matching_ros.engine.EngineConfig.from_dict`); a YAML file may override any key.
 
   orb_lightglue     ORB single-scale + ALIKED descriptors at ORB points + LightGlue; VLAD(ALIKED) retrieval.
   aliked_lightglue  ALIKED keypoints and descriptors + LightGlue; VLAD(ALIKED) retrieval.
@@ -84,7 +84,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def build_configs(name: str, override: dict[str, Any] | None = None):
     """(PipelineConfig, EngineConfig) for a preset name, with optional nested overrides."""
     from feature_matching_ros.config import PipelineConfig
-    from feature_matching_ros.relocalizer import EngineConfig
+    from feature_matching_ros.engine.config import EngineConfig
 
     preset = merge(get_preset(name), override or {})
     unknown = set(preset) - {"pipeline", "engine"}

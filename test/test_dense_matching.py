@@ -94,7 +94,7 @@ def test_engine_keeps_keyframe_images_for_dense_verification_and_persists_them(r
     """A detector-free engine stores each keyframe's gray image and depth image, matches images on
     verification, and its map round-trips them; a keypoint map is refused with a clear error."""
     from feature_matching_ros.presets import build_configs
-    from feature_matching_ros.relocalizer import LoopClosureEngine
+    from feature_matching_ros.engine import LoopClosureEngine
     from feature_matching_ros.retrieval.persistence import MapFormatError
 
     motorcycle = load_motorcycle()

@@ -10,8 +10,8 @@ import pytest
 
 from feature_matching_ros.cli import main
 from feature_matching_ros.eval.loop_eval import EvalFrame, judge_loop
-from feature_matching_ros.relocalizer import LoopClosure, depth_agreement, inlier_coverage
-from feature_matching_ros.retrieval.database import Keyframe
+from feature_matching_ros.engine import LoopClosure
+from feature_matching_ros.engine.acceptance import depth_agreement, inlier_coverage
 
 
 def copy_topics(source: Path, destination: Path, topics: set[str]) -> None:
@@ -109,13 +109,6 @@ def test_loop_correctness_rules():
     assert not judge_loop(_loop(90, 0, far_rel), no_pose, gt).correct
 
 
-def _keyframe(keypoints: np.ndarray, depth: np.ndarray | None, K: np.ndarray) -> Keyframe:
-    n = len(keypoints)
-    return Keyframe(0, 0, keypoints.astype(np.float32), np.zeros((n, 32), np.uint8), np.ones(n, np.float16),
-                    (320, 240), "orb", K, np.zeros(4, np.float32), None,
-                    None if depth is None else depth.astype(np.float32))
-
-
 def test_inlier_coverage_and_depth_agreement():
     rng = np.random.default_rng(0)
     spread = rng.uniform([0, 0], [320, 240], (200, 2))
@@ -128,12 +121,9 @@ def test_inlier_coverage_and_depth_agreement():
     T_match_query[:3, 3] = [0.3, 0.0, 0.5]
     rays = np.c_[(spread - K[:2, 2]) / 200.0, np.ones(200)]
     points_match = rays * depth_query[:, None] + T_match_query[:3, 3]
-    pixels_match = points_match[:, :2] / points_match[:, 2:] * 200.0 + K[:2, 2]
-    query = _keyframe(spread, depth_query, K)
-    match = _keyframe(pixels_match, points_match[:, 2], K)
-    matches = np.stack([np.arange(200), np.arange(200)], 1)
-    assert depth_agreement(query, match, matches, T_match_query, 0.1, 0.1) == 1.0
+    depth_match = points_match[:, 2]
+    assert depth_agreement(spread, depth_query, depth_match, K, T_match_query, 0.1, 0.1) == 1.0
     shifted = T_match_query.copy()
     shifted[2, 3] += 2.0  # a pose two metres off along the optical axis predicts the wrong depths
-    assert depth_agreement(query, match, matches, shifted, 0.1, 0.1) < 0.2
-    assert depth_agreement(_keyframe(spread, None, K), match, matches, T_match_query, 0.1, 0.1) is None
+    assert depth_agreement(spread, depth_query, depth_match, K, shifted, 0.1, 0.1) < 0.2
+    assert depth_agreement(spread, None, depth_match, K, T_match_query, 0.1, 0.1) is None

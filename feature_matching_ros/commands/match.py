@@ -140,7 +140,7 @@ def match_one(pipeline, path0: Path, path1: Path, k0: str | None, k1: str | None
         from feature_matching_ros.viz import draw_matches
 
         points0, points1 = result.matched_points()
-        method = args.matcher if pipeline.detector_free else f"{args.detector}+{args.descriptor}+{args.matcher}"
+        method = args.matcher if pipeline.needs_images else f"{args.detector}+{args.descriptor}+{args.matcher}"
         header = (f"{method}: {len(result.matches)} matches, "
                   f"{result.pose.num_inliers} inliers ({result.reason})")
         inliers = np.asarray(report["inliers"], dtype=bool)

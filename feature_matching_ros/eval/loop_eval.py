@@ -164,7 +164,7 @@ def judge_loop(loop, frames_by_index: dict[int, EvalFrame], gt: set[tuple[int, i
 
 def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int]], device: str,
                     reloc_queries: int, override: dict[str, Any] | None = None) -> dict[str, Any]:
-    from feature_matching_ros.relocalizer import build_engine
+    from feature_matching_ros.engine import build_engine
 
     engine = build_engine(preset, override, device=device)
     frames_by_index = {f.index: f for f in frames}

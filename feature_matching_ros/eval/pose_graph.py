@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feature_matching_ros.relocalizer import LoopClosure, adjoint
+from feature_matching_ros.engine.records import LoopClosure
+from feature_matching_ros.geometry.se3 import adjoint
 
 
 @dataclass

@@ -21,6 +21,9 @@ import cv2
 import numpy as np
 
 from feature_matching_ros.config import PoseConfig
+from feature_matching_ros.geometry.se3 import exp_so3 as _exp_so3
+from feature_matching_ros.geometry.se3 import invert_information
+from feature_matching_ros.geometry.se3 import skew as _skew
 
 
 @dataclass
@@ -59,14 +62,6 @@ def check_intrinsics(K: np.ndarray, name: str = "K") -> np.ndarray:
 
 def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
     return check_intrinsics(np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]))
-
-
-def _skew(v: np.ndarray) -> np.ndarray:
-    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
-
-
-def _exp_so3(w: np.ndarray) -> np.ndarray:
-    return cv2.Rodrigues(np.asarray(w, dtype=np.float64).reshape(3, 1))[0]
 
 
 def _robust_sigma(residuals: np.ndarray, floor: float) -> float:
@@ -186,36 +181,55 @@ def estimate_relative_pose(
     return _pose_essential(keypoints0, keypoints1, K0, K1, config)
 
 
-def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> RelativePose:
-    invert = depth0 is None
-    depth, pts_3d_src, pts_2d_dst, K_src, K_dst = (
-        (depth1, keypoints1, keypoints0, K1, K0) if invert else (depth0, keypoints0, keypoints1, K0, K1))
-    points3d, valid = lift_to_3d(pts_3d_src, np.asarray(depth), K_src, config)
-    count = len(keypoints0)
+def backproject(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """(M, 2) pixels + (M,) depth (metres, NaN invalid) -> (M, 3) camera points (NaN rows where invalid)."""
+    x = (pixels[:, 0] - K[0, 2]) / K[0, 0] * depth
+    y = (pixels[:, 1] - K[1, 2]) / K[1, 1] * depth
+    return np.stack([x, y, depth], 1).astype(np.float64)
+
+
+def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig) -> RelativePose:
+    """T_dst_src by PnP from (M, 3) points in the source camera (NaN rows = no depth) to (M, 2) pixels of the
+    destination camera with intrinsics K; inliers index the M rows."""
+    count = len(points3d)
+    valid = np.isfinite(points3d).all(1) & (points3d[:, 2] >= config.min_depth) & (points3d[:, 2] <= config.max_depth)
     if valid.sum() < config.min_matches:
         return RelativePose(False, f"too few matches with valid depth: {int(valid.sum())} < {config.min_matches}",
-                            inliers=np.zeros(count, dtype=bool))
-    solution = _pnp(points3d[valid], pts_2d_dst[valid], K_dst, config)
+                            inliers=np.zeros(count, bool), method="pnp")
+    solution = _pnp(points3d[valid], pixels[valid], K, config)
     if solution is None:
-        return RelativePose(False, "PnP RANSAC found no pose", inliers=np.zeros(count, dtype=bool))
+        return RelativePose(False, "PnP RANSAC found no pose", inliers=np.zeros(count, bool), method="pnp")
     R, t, inliers_valid = solution
-    inliers = np.zeros(count, dtype=bool)
+    inliers = np.zeros(count, bool)
     inliers[np.flatnonzero(valid)[inliers_valid]] = True
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few PnP inliers: {int(inliers.sum())} < min_inliers={config.min_inliers}",
                             inliers=inliers, method="pnp")
-    obj, img = points3d[inliers], pts_2d_dst[inliers]
-    residuals = _reprojection_residuals(R, t, obj, img, K_dst)
-    jacobian = _numeric_jacobian(lambda d: _reprojection_residuals(*_perturb(R, t, d), obj, img, K_dst))
-    information = _information(jacobian, residuals, floor=0.1)
-    if invert:  # we solved T_0_1; the information must follow the inversion (adjoint of T_1_0)
-        R, t = R.T, -R.T @ t
-        adjoint = np.zeros((6, 6))
-        adjoint[:3, :3], adjoint[:3, 3:], adjoint[3:, 3:] = R, _skew(t) @ R, R
-        # delta_01 = -Ad(T_0_1) delta_10 to first order; information transforms with that Jacobian.
-        jac = -np.linalg.inv(adjoint)
-        information = jac.T @ information @ jac
-    return RelativePose(True, "ok", R, t, inliers, information, metric=True, method="pnp")
+    obj, img = points3d[inliers], pixels[inliers].astype(np.float64)
+    residuals = _reprojection_residuals(R, t, obj, img, K)
+    jacobian = _numeric_jacobian(lambda d: _reprojection_residuals(*_perturb(R, t, d), obj, img, K))
+    return RelativePose(True, "ok", R, t, inliers, _information(jacobian, residuals, floor=0.1), metric=True,
+                        method="pnp")
+
+
+def invert_relative_pose(pose: RelativePose) -> RelativePose:
+    """T_0_1 from T_1_0, with the information carried through the inversion (left perturbations)."""
+    if not pose.success:
+        return pose
+    inverse_T, information = invert_information(pose.T_1_0, pose.information)
+    return RelativePose(pose.success, pose.reason, inverse_T[:3, :3], inverse_T[:3, 3], pose.inliers, information,
+                        pose.metric, pose.method)
+
+
+def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> RelativePose:
+    """PnP from the view with depth; with only depth1 it solves T_0_1 and inverts."""
+    if depth0 is not None:
+        points3d, valid = lift_to_3d(keypoints0, np.asarray(depth0), K0, config)
+        points3d[~valid] = np.nan
+        return pose_from_points3d(points3d, keypoints1, K1, config)
+    points3d, valid = lift_to_3d(keypoints1, np.asarray(depth1), K1, config)
+    points3d[~valid] = np.nan
+    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config))
 
 
 def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:

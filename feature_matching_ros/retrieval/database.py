@@ -45,8 +45,8 @@ class Keyframe:
     global_descriptor: np.ndarray
     T_map_camera: np.ndarray | None = None
     depth_at_keypoints: np.ndarray | None = None
-    # Detector-free matchers (eloftr, loftr) match pixels, so their keyframes keep the image: (H, W) uint8 gray,
-    # and the depth image (H, W) float16 metres (NaN invalid) when there is one. About 0.9 MB per VGA keyframe.
+    # Matchers that match pixels (``MatchingPipeline.needs_images``: eloftr, loftr) need the image: (H, W) uint8
+    # gray, and the depth image (H, W) float16 metres (NaN invalid) when there is one. ~0.9 MB per VGA keyframe.
     image: np.ndarray | None = None
     depth_image: np.ndarray | None = None
 
@@ -55,7 +55,9 @@ class Keyframe:
 
     @property
     def has_depth(self) -> bool:
-        return self.depth_at_keypoints is not None and bool(np.isfinite(self.depth_at_keypoints).any())
+        if self.depth_at_keypoints is not None and bool(np.isfinite(self.depth_at_keypoints).any()):
+            return True
+        return self.depth_image is not None and bool(np.isfinite(self.depth_image).any())
 
     @staticmethod
     def from_features(keyframe_id: int, stamp_ns: int, features: Features, K: np.ndarray,
@@ -81,20 +83,20 @@ class Keyframe:
                         None if T_map_camera is None else np.asarray(T_map_camera, np.float64).reshape(4, 4),
                         depth_at_keypoints)
 
-    def at_points(self, points: np.ndarray) -> "Keyframe":
-        """A view of this keyframe whose keypoints are ``points`` (M, 2) px, e.g. one pair's detector-free matches;
-        depth comes from the stored depth image (nearest pixel). No descriptors."""
-        points = np.asarray(points, np.float32).reshape(-1, 2)
-        depth = None
-        if self.depth_image is not None:
-            height, width = self.depth_image.shape
-            cols = np.clip(np.round(points[:, 0]).astype(int), 0, width - 1)
-            rows = np.clip(np.round(points[:, 1]).astype(int), 0, height - 1)
-            depth = self.depth_image[rows, cols].astype(np.float32)
-            depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
-        return Keyframe(self.id, self.stamp_ns, points, np.zeros((len(points), 0), np.float16),
-                        np.ones(len(points), np.float16), self.image_size, self.descriptor_type, self.K,
-                        self.global_descriptor, self.T_map_camera, depth)
+    def depth_at(self, points: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray | None:
+        """(M,) float32 depth in metres (NaN invalid) at matched points: the stored per-keypoint depth when the
+        matches index keypoints (``indices``), else the stored depth image at the nearest pixel of the (M, 2)
+        ``points``. None when this keyframe has no depth."""
+        if indices is not None and self.depth_at_keypoints is not None:
+            return self.depth_at_keypoints[indices].astype(np.float32)
+        if self.depth_image is None:
+            return None
+        height, width = self.depth_image.shape
+        cols = np.clip(np.round(points[:, 0]).astype(int), 0, width - 1)
+        rows = np.clip(np.round(points[:, 1]).astype(int), 0, height - 1)
+        depth = self.depth_image[rows, cols].astype(np.float32)
+        depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
+        return depth
 
     def to_features(self, device: torch.device | str = "cpu") -> Features:
         """Back to the matcher's :class:`Features` (float descriptors re-normalised after float16 storage)."""
@@ -189,6 +191,9 @@ class KeyframeDatabase:
 
     def __len__(self) -> int:
         return len(self.keyframes)
+
+    def __contains__(self, keyframe_id: int) -> bool:
+        return keyframe_id in self._ids
 
     def position_of(self, keyframe_id: int) -> int:
         return self._ids[keyframe_id]

@@ -58,7 +58,7 @@ _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 
 def _override_specs() -> list[ParameterSpec]:
     """One override parameter per scalar field of PipelineConfig / EngineConfig (nested dataclasses recursed)."""
-    from feature_matching_ros.relocalizer import EngineConfig
+    from feature_matching_ros.engine.config import EngineConfig
 
     specs: list[ParameterSpec] = []
 

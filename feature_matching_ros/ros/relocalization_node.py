@@ -54,8 +54,8 @@ from std_msgs.msg import Header
 from feature_matching_ros.config import ConfigError
 from feature_matching_ros.image import ImageError
 from feature_matching_ros.msg import Keyframe, LoopCandidates, LoopClosure, Matches
-from feature_matching_ros.relocalizer import LoopClosure as LoopRecord
-from feature_matching_ros.relocalizer import Relocalization
+from feature_matching_ros.engine import LoopClosure as LoopRecord
+from feature_matching_ros.engine import Relocalization
 from feature_matching_ros.retrieval.global_descriptors import CodebookError
 from feature_matching_ros.retrieval.persistence import MapFormatError
 from feature_matching_ros.ros import conversions as conv
@@ -230,7 +230,7 @@ class RelocalizationNode(Node):
 
     @staticmethod
     def _build_engine(values: dict[str, Any]):
-        from feature_matching_ros.relocalizer import build_engine
+        from feature_matching_ros.engine import build_engine
 
         override = preset_override(values)
         try:

@@ -8,11 +8,10 @@ import pytest
 from feature_matching_ros.config import PipelineConfig
 from feature_matching_ros.devdata import load_motorcycle
 from feature_matching_ros.eval.metrics import rotation_angle_deg
-from feature_matching_ros.geometry.pose import RelativePose
+from feature_matching_ros.geometry.pose import RelativePose, invert_relative_pose, pose_from_points3d
 from feature_matching_ros.pipeline import MatchingPipeline
 from feature_matching_ros.presets import build_configs, get_preset, preset_names
-from feature_matching_ros.relocalizer import (EngineConfig, LoopClosureEngine, invert_relative_pose,
-                                              pose_from_points3d)
+from feature_matching_ros.engine import EngineConfig, LoopClosureEngine
 from feature_matching_ros.retrieval import MapFormatError
 from feature_matching_ros.retrieval.database import Keyframe, RetrievalConfig
 

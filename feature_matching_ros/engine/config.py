@@ -1,0 +1,95 @@
+"""Engine configuration: retrieval, acceptance thresholds, consistency and the odometry gate (one dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from feature_matching_ros.config import ConfigError, _check_choice, _check_range
+from feature_matching_ros.retrieval.database import RetrievalConfig
+
+GLOBAL_DESCRIPTORS = ("auto", "vlad", "bow")
+
+
+@dataclass
+class EngineConfig:
+    global_descriptor: str = "auto"  # auto: bow for binary (ORB) descriptors, vlad otherwise
+    codebook: str = "default"  # path to a codebook .npz, or "default" = the shipped one for the descriptor
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    min_inliers: int = 50  # accepted loops need at least this many geometric inliers
+    min_inlier_ratio: float = 0.5  # ... and inliers / matches at least this
+    # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
+    temporal_consistency: int = 3
+    consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
+    max_loops_per_keyframe: int = 1  # accepted loops reported per query (best inlier counts first)
+    store_depth: bool = True  # keep depth at keypoints for PnP when a depth image is given
+    # Inlier spread: the inliers must occupy at least this fraction of a coverage_grid x coverage_grid grid in
+    # BOTH images. One repeated poster or a tiled patch gives a tight cluster of (consistent) inliers.
+    min_inlier_coverage: float = 0.25
+    coverage_grid: int = 4
+    # Depth consistency (PnP, both keyframes with depth): the PnP pose predicts the depth of every inlier in the
+    # other camera; at least this fraction must agree with the depth measured there (|dz| <= rel*z + abs).
+    # A pose explained by the wrong structure (mirror-symmetric room, wall one tile over) predicts wrong depths.
+    min_depth_agreement: float = 0.7
+    depth_tolerance_rel: float = 0.1
+    depth_tolerance_abs_m: float = 0.1
+    # Reprojection residuals: the median inlier residual after refinement must stay below this fraction of the
+    # PnP RANSAC threshold (a correct pose sits at the noise level; a forced one spreads over the whole band).
+    max_median_residual_ratio: float = 0.5
+    # Ambiguity: if two candidates that pass every check put the query at places that disagree (beyond the
+    # odometry allowance between them) and the weaker has >= ambiguity_ratio x the stronger's inliers, both are
+    # rejected: the scene looks the same in two places (repetitive texture). 1.0 disables it.
+    ambiguity_ratio: float = 0.7
+    # Odometry-consistency gate (needs backend poses on both keyframes and a metric loop). The loop is compared
+    # with the relative pose predicted by composing odometry (and previously accepted loops) along the SHORTEST
+    # path between the two keyframes in the keyframe graph, and may disagree by at most
+    # abs + ratio * (length of that path): the odometry's drift model (set it to your odometry's drift spec).
+    # Accepted loops shorten the paths, so after the first closure the gate tightens to the drift since then,
+    # as a backend's marginal covariance would. Repetitive textures verify with a pose one period away.
+    odometry_gate: bool = True
+    max_drift_abs_m: float = 0.3
+    max_drift_ratio: float = 0.05
+    max_drift_abs_deg: float = 5.0
+    max_drift_deg_per_m: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("global_descriptor", self.global_descriptor, GLOBAL_DESCRIPTORS)
+        if isinstance(self.retrieval, dict):
+            known = {f.name for f in fields(RetrievalConfig)}
+            unknown = set(self.retrieval) - known
+            if unknown:
+                raise ConfigError(f"unknown keys in engine.retrieval: {sorted(unknown)}; allowed: {sorted(known)}")
+            self.retrieval = RetrievalConfig(**self.retrieval)
+        _check_range("min_inliers", self.min_inliers, 5, 100_000)
+        _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
+        _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
+        _check_range("consistency_window", self.consistency_window, 0, 100_000)
+        _check_range("max_loops_per_keyframe", self.max_loops_per_keyframe, 1, 100)
+        _check_range("min_inlier_coverage", self.min_inlier_coverage, 0.0, 1.0)
+        _check_range("coverage_grid", self.coverage_grid, 1, 64)
+        _check_range("min_depth_agreement", self.min_depth_agreement, 0.0, 1.0)
+        _check_range("depth_tolerance_rel", self.depth_tolerance_rel, 0.0, 10.0)
+        _check_range("depth_tolerance_abs_m", self.depth_tolerance_abs_m, 0.0, 1e3)
+        _check_range("max_median_residual_ratio", self.max_median_residual_ratio, 0.0, 1.0)
+        _check_range("ambiguity_ratio", self.ambiguity_ratio, 0.0, 1.0)
+        _check_range("max_drift_abs_m", self.max_drift_abs_m, 0.0, 1e6)
+        _check_range("max_drift_ratio", self.max_drift_ratio, 0.0, 100.0)
+        _check_range("max_drift_abs_deg", self.max_drift_abs_deg, 0.0, 180.0)
+        _check_range("max_drift_deg_per_m", self.max_drift_deg_per_m, 0.0, 180.0)
+        self.min_inliers, self.temporal_consistency = int(self.min_inliers), int(self.temporal_consistency)
+        self.consistency_window, self.max_loops_per_keyframe = int(self.consistency_window), int(
+            self.max_loops_per_keyframe)
+        self.coverage_grid = int(self.coverage_grid)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown engine keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["retrieval"] = vars(self.retrieval).copy()
+        return out

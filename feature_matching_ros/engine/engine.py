@@ -1,0 +1,461 @@
+"""The loop-closure and relocalization engine: keyframes in, LoopClosure / Relocalization records out.
+
+Written here because no library has it: it joins retrieval, batched matching and geometry into the decisions
+a SLAM backend needs, with every rejection explained.
+
+Per keyframe: extract -> global descriptor -> top-k retrieval (recent keyframes excluded) -> ONE batched
+``MatchingPipeline.correspond`` of the query against the k candidates -> geometric verification per candidate
+(engine/verification.py) -> acceptance (engine/acceptance.py, the odometry gate on the keyframe graph of
+engine/keyframe_graph.py, ambiguity, temporal consistency) -> the keyframe is inserted.
+
+Matchers that match pixels (Efficient LoFTR, LoFTR; ``pipeline.needs_images``): the features still drive
+retrieval, keyframes keep their gray image (and depth image), and the matcher's correspondences are pixels
+rather than keypoint indices; verification and every check run on the same :class:`Correspondences`.
+
+Monocular scale: without depth the pose is an essential matrix (rotation + unit translation, ``metric=False``);
+the constraint says "scale unknown" (information zero along t). Relocalization needs a metric pose.
+
+Precision first: a false loop closure corrupts the map, so every candidate gets a reason when rejected.
+Information matrices are ordered (tx, ty, tz, rx, ry, rz) for a LEFT perturbation
+T_match_query <- exp([v, w]) T_match_query (perturbation expressed in the match keyframe's frame).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feature_matching_ros.config import ConfigError
+from feature_matching_ros.engine.acceptance import depth_agreement, inlier_coverage, median_reprojection_residual
+from feature_matching_ros.engine.config import EngineConfig
+from feature_matching_ros.engine.keyframe_graph import KeyframeGraph
+from feature_matching_ros.engine.records import KeyframeResult, LoopClosure, Relocalization
+from feature_matching_ros.engine.verification import verify_pair
+from feature_matching_ros.features.base import Features
+from feature_matching_ros.geometry.pose import check_intrinsics
+from feature_matching_ros.geometry.se3 import adjoint, inverse, rotation_angle_deg
+from feature_matching_ros.image import gray_uint8
+from feature_matching_ros.matchers.base import Correspondences, View
+from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase
+from feature_matching_ros.retrieval.global_descriptors import (BinaryVocabulary, CodebookError, VladCodebook,
+                                                               default_codebook_path, load_codebook, sha256_file)
+from feature_matching_ros.retrieval.persistence import MapFormatError
+
+LOG = logging.getLogger(__name__)
+
+
+def _numpy_descriptors(features: Features) -> np.ndarray:
+    descriptors = features.descriptors.detach().cpu()
+    return descriptors.numpy() if features.is_binary else descriptors.float().numpy()
+
+
+class LoopClosureEngine:
+    """Loop closure + relocalization over a :class:`KeyframeDatabase`, with a :class:`MatchingPipeline`.
+
+    Online use (the ROS node): ``process_keyframe(image, K, stamp_ns, ...)`` per backend keyframe,
+    ``relocalize(image, K, ...)`` when tracking is lost, ``update_poses({id: T_map_camera})`` after the backend
+    optimised, ``save_map(dir)`` / ``load_map(dir)`` for persistence.
+    """
+
+    def __init__(self, pipeline, config: EngineConfig | None = None,
+                 codebook: VladCodebook | BinaryVocabulary | None = None) -> None:
+        self.pipeline = pipeline
+        self.config = config or EngineConfig()
+        descriptor_type = pipeline.extractor.descriptor_type
+        binary = descriptor_type == "orb"
+        kind = self.config.global_descriptor if self.config.global_descriptor != "auto" else ("bow" if binary else "vlad")
+        if kind == "bow" and not binary:
+            raise ConfigError(f"global_descriptor=bow needs binary ORB descriptors; the pipeline produces "
+                              f"{descriptor_type} descriptors (use global_descriptor=vlad)")
+        if kind == "vlad" and binary:
+            raise ConfigError("global_descriptor=vlad needs float descriptors; ORB is binary (use bow)")
+        if codebook is None:
+            path = (default_codebook_path(descriptor_type) if self.config.codebook == "default"
+                    else Path(self.config.codebook))
+            codebook = load_codebook(path)
+            self.codebook_sha256 = sha256_file(path)
+        else:
+            self.codebook_sha256 = "in-memory"
+        if codebook.kind != kind or codebook.descriptor_type != descriptor_type:
+            raise CodebookError(f"codebook is {codebook.kind} for {codebook.descriptor_type} descriptors; the engine "
+                                f"needs {kind} for {descriptor_type}")
+        self.codebook = codebook
+        self.database = KeyframeDatabase(kind, codebook.dim, self.config.retrieval)
+        self._recent_verified: deque[set[int]] = deque(maxlen=max(self.config.temporal_consistency - 1, 1))
+        self._next_id = 0
+        # Odometry gate: the keyframe graph by database position; accepted metric loops wait here until their
+        # query keyframe is inserted.
+        self.graph = KeyframeGraph()
+        self._pending_loops: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    # -------------------------------------------------------------------- keyframes
+    def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
+                 T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None
+                 ) -> tuple[Keyframe, Features, dict[str, float]]:
+        """Extract features and the global descriptor of an image; returns (keyframe, device features, timing)."""
+        K = check_intrinsics(K)
+        timing: dict[str, float] = {}
+        start = time.perf_counter()
+        features = self.pipeline.extract(image)
+        timing["extract"] = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        global_descriptor = self.codebook(_numpy_descriptors(features)) if len(features) else np.zeros(
+            self.codebook.dim, np.float32)
+        timing["global_descriptor"] = (time.perf_counter() - start) * 1e3
+        if keyframe_id is None:
+            keyframe_id = self._next_id
+        self._next_id = max(self._next_id, int(keyframe_id) + 1)
+        keyframe = Keyframe.from_features(keyframe_id, stamp_ns, features, K, global_descriptor, T_map_camera,
+                                          depth if self.config.store_depth else None)
+        if self.pipeline.needs_images:
+            keyframe.image = gray_uint8(image)
+            if depth is not None and self.config.store_depth:
+                keyframe.depth_image = np.asarray(depth, np.float32).astype(np.float16)
+        return keyframe, features, timing
+
+    def process_keyframe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
+                         T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
+                         exclude_ids: set[int] | None = None, insert: bool = True) -> KeyframeResult:
+        """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip."""
+        start_total = time.perf_counter()
+        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth)
+        result = self.detect_loops(keyframe, features, exclude_ids, timing)
+        if insert:
+            self.insert(keyframe)
+        result.timing_ms["total"] = (time.perf_counter() - start_total) * 1e3
+        return result
+
+    def insert(self, keyframe: Keyframe) -> None:
+        previous = self.database.keyframes[-1].T_map_camera if len(self.database) else None
+        position = self.graph.add_node(previous, keyframe.T_map_camera)
+        for match_position, T_match_query in self._pending_loops.pop(keyframe.id, []):
+            self.graph.add_loop(match_position, position, T_match_query)
+        self._pending_loops.clear()
+        self.database.add(keyframe)
+
+    def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
+                            ) -> dict[int, tuple[np.ndarray, float]]:
+        """{database position: (T_position_query predicted by the keyframe graph, path length m)}. A new query
+        is attached to the last keyframe by its odometry step; one already in the map starts at
+        ``source_position``."""
+        if source_position is not None:
+            return self.graph.predict(source_position, np.eye(4), 0.0, targets)
+        if not len(self.database) or keyframe.T_map_camera is None:
+            return {}
+        last = self.database.keyframes[-1]
+        if last.T_map_camera is None:
+            return {}
+        T_last_query = inverse(last.T_map_camera) @ keyframe.T_map_camera
+        return self.graph.predict(len(self.database) - 1, T_last_query, float(np.linalg.norm(T_last_query[:3, 3])),
+                                  targets)
+
+    def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
+        """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
+        with odometry (+ earlier loops) by more than the drift allowed along the shortest path."""
+        if not loop.metric or prediction is None:
+            return None
+        T_predicted, path_length = prediction
+        loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
+        loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
+        loop.path_length_m = float(path_length)
+        if not self.config.odometry_gate:
+            return None
+        max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
+        max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
+        if loop.drift_translation_m > max_translation or loop.drift_rotation_deg > max_rotation:
+            return (f"inconsistent with odometry: moves the keyframe {loop.drift_translation_m:.2f} m / "
+                    f"{loop.drift_rotation_deg:.1f} deg over a {path_length:.1f} m graph path (allowed "
+                    f"{max_translation:.2f} m / {max_rotation:.1f} deg; repetitive structure?)")
+        return None
+
+    def update_poses(self, poses: dict[int, np.ndarray]) -> None:
+        """Backend-optimised poses T_map_camera by keyframe id (unknown ids are ignored)."""
+        for keyframe_id, T in poses.items():
+            if keyframe_id in self.database:
+                self.database.get(keyframe_id).T_map_camera = np.asarray(T, np.float64).reshape(4, 4)
+
+    # -------------------------------------------------------------------- verification
+    def _views(self, keyframes: list[Keyframe], query_features: Features | None = None) -> list[View]:
+        missing = [k.id for k in keyframes if self.pipeline.needs_images and k.image is None]
+        if missing:
+            raise MapFormatError(f"keyframes {missing[:5]} have no stored image; matcher="
+                                 f"{self.pipeline.config.matcher.name} needs a map built by a preset that matches "
+                                 "pixels (eloftr)")
+        if self.pipeline.needs_images:
+            return [View(image=k.image) for k in keyframes]
+        device = self.pipeline.device
+        return [View(features=query_features if query_features is not None and i == 0 else k.to_features(device))
+                for i, k in enumerate(keyframes)]
+
+    def _verify(self, keyframe: Keyframe, features: Features, candidates: list[Candidate],
+                timing: dict[str, float], check_odometry: bool = True, source_position: int | None = None
+                ) -> list[LoopClosure]:
+        stored = [self.database.keyframes[c.position] for c in candidates]
+        start = time.perf_counter()
+        query_view, *candidate_views = self._views([keyframe, *stored], features)
+        pairs = self.pipeline.correspond(query_view, candidate_views)
+        if self.pipeline.device.type == "cuda":
+            torch.cuda.synchronize(self.pipeline.device)
+        timing["match"] = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
+                       if check_odometry else {})
+        pose_config = self.pipeline.config.pose
+        results = []
+        for rank, (candidate, match_kf, correspondences) in enumerate(zip(candidates, stored, pairs)):
+            depth_query = keyframe.depth_at(correspondences.points0, correspondences.index0)
+            depth_match = match_kf.depth_at(correspondences.points1, correspondences.index1)
+            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config)
+            loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
+                               pose.T_1_0, 1.0, pose.metric, pose.information, len(correspondences),
+                               pose.num_inliers, candidate.score, rank, pose.method, pose.success)
+            if pose.success:
+                loop.points_query, loop.points_match = correspondences.points0, correspondences.points1
+                loop.match_scores = np.asarray(correspondences.scores, np.float32)
+                loop.inlier_mask = np.asarray(pose.inliers, bool)
+                inliers = pose.inliers
+                pick = lambda depth: None if depth is None else depth[inliers]  # noqa: E731
+                loop.reason = (self._check_geometry(keyframe, match_kf, correspondences.subset(inliers),
+                                                    pick(depth_query), pick(depth_match), loop)
+                               or (self._odometry_gate(loop, predictions.get(candidate.position))
+                                   if check_odometry else None)
+                               or "ok")
+                loop.accepted = loop.reason == "ok"
+            else:
+                loop.reason = f"geometric verification failed: {pose.reason}"
+            results.append(loop)
+        timing["verify"] = (time.perf_counter() - start) * 1e3
+        return results
+
+    def verify_candidates(self, query_id: int, candidate_ids: list[int]) -> KeyframeResult:
+        """Verify candidates named from outside (a backend's covisibility search, another place recogniser)
+        against a keyframe already in the map: no retrieval, no exclusion window, no temporal consistency;
+        the same acceptance thresholds and odometry gate as ``process_keyframe``. KeyError: unknown id."""
+        start_total = time.perf_counter()
+        keyframe = self.database.get(query_id)
+        candidates = [Candidate(self.database.position_of(i), i, 0.0) for i in candidate_ids]
+        timing: dict[str, float] = {}
+        loops = []
+        if candidates:
+            features = None if self.pipeline.needs_images else keyframe.to_features(self.pipeline.device)
+            loops = self._verify(keyframe, features, candidates, timing,
+                                 source_position=self.database.position_of(query_id))
+        timing["total"] = (time.perf_counter() - start_total) * 1e3
+        return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok" if loops else "no candidates", timing)
+
+    def _check_geometry(self, query: Keyframe, candidate: Keyframe, inliers: Correspondences,
+                        depth_query: np.ndarray | None, depth_match: np.ndarray | None, loop: LoopClosure
+                        ) -> str | None:
+        """Acceptance checks on a geometrically verified pair (its inlier correspondences and their depths);
+        fills the loop's diagnostics, returns a rejection reason or None."""
+        config = self.config
+        loop.inlier_coverage = min(inlier_coverage(inliers.points0, query.image_size, config.coverage_grid),
+                                   inlier_coverage(inliers.points1, candidate.image_size, config.coverage_grid))
+        if loop.method == "pnp":
+            loop.depth_agreement = depth_agreement(inliers.points0, depth_query, depth_match, query.K,
+                                                   loop.T_match_query, config.depth_tolerance_rel,
+                                                   config.depth_tolerance_abs_m)
+            # Residuals in the image PnP was solved in (the candidate's points into the query when it has depth).
+            if depth_match is not None and np.isfinite(depth_match).any():
+                loop.median_residual_px = median_reprojection_residual(
+                    inliers.points1, depth_match, candidate.K, inliers.points0, query.K, inverse(loop.T_match_query))
+            else:
+                loop.median_residual_px = median_reprojection_residual(
+                    inliers.points0, depth_query, query.K, inliers.points1, candidate.K, loop.T_match_query)
+        if loop.num_inliers < config.min_inliers:
+            return f"too few inliers: {loop.num_inliers} < min_inliers={config.min_inliers}"
+        if loop.inlier_ratio < config.min_inlier_ratio:
+            return f"inlier ratio {loop.inlier_ratio:.2f} < min_inlier_ratio={config.min_inlier_ratio}"
+        if loop.inlier_coverage < config.min_inlier_coverage:
+            return (f"inliers clustered: cover {loop.inlier_coverage:.2f} of the {config.coverage_grid}x"
+                    f"{config.coverage_grid} grid < min_inlier_coverage={config.min_inlier_coverage}")
+        residual_limit = config.max_median_residual_ratio * self.pipeline.config.pose.pnp_threshold_px
+        if loop.median_residual_px is not None and loop.median_residual_px > residual_limit:
+            return (f"reprojection residuals too large: median {loop.median_residual_px:.2f} px > "
+                    f"{residual_limit:.2f} px (max_median_residual_ratio x pnp_threshold_px)")
+        if loop.depth_agreement is not None and loop.depth_agreement < config.min_depth_agreement:
+            return (f"depth inconsistent: {loop.depth_agreement:.2f} of the inliers have the predicted depth < "
+                    f"min_depth_agreement={config.min_depth_agreement}")
+        return None
+
+    def detect_loops(self, keyframe: Keyframe, features: Features, exclude_ids: set[int] | None = None,
+                     timing: dict[str, float] | None = None) -> KeyframeResult:
+        timing = timing if timing is not None else {}
+        start = time.perf_counter()
+        candidates = self.database.query(keyframe.global_descriptor, keyframe.stamp_ns, exclude_ids=exclude_ids)
+        timing["retrieve"] = (time.perf_counter() - start) * 1e3
+        if len(keyframe) == 0:
+            self._remember(set())
+            return KeyframeResult(keyframe.id, keyframe.stamp_ns, [], "no keypoints in the keyframe", timing)
+        if not candidates:
+            self._remember(set())
+            reason = "database empty" if not len(self.database) else "no eligible candidates outside the exclusion window"
+            return KeyframeResult(keyframe.id, keyframe.stamp_ns, [], reason, timing)
+        loops = self._verify(keyframe, features, candidates, timing)
+        self._reject_ambiguous(loops)
+        self._apply_temporal_consistency(loops)
+        accepted = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        for extra in accepted[self.config.max_loops_per_keyframe:]:
+            extra.accepted = False
+            extra.reason = f"another candidate of this keyframe has more inliers (max_loops_per_keyframe=" \
+                           f"{self.config.max_loops_per_keyframe})"
+        self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c.T_match_query)
+                                            for c in accepted[:self.config.max_loops_per_keyframe] if c.metric]
+        return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok", timing)
+
+    def _same_place(self, a: LoopClosure, b: LoopClosure) -> bool:
+        """Two verified candidates agree on where the query is: their keyframes are neighbours in the database, or
+        both loops are metric and each passed the odometry gate (so both agree with the same odometry)."""
+        if abs(self.database.position_of(a.match_id) - self.database.position_of(b.match_id)) <= \
+                self.config.consistency_window:
+            return True
+        gated = self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b))
+        return gated
+
+    def _reject_ambiguous(self, loops: list[LoopClosure]) -> None:
+        """Reject every candidate when a runner-up at another place verifies nearly as well (ambiguity_ratio)."""
+        verified = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        if len(verified) < 2 or self.config.ambiguity_ratio >= 1.0:
+            return
+        best = verified[0]
+        rival = next((c for c in verified[1:] if c.num_inliers >= self.config.ambiguity_ratio * best.num_inliers
+                      and not self._same_place(best, c)), None)
+        if rival is None:
+            return
+        for loop in verified:
+            loop.accepted = False
+            loop.reason = (f"ambiguous: keyframes {best.match_id} ({best.num_inliers} inliers) and {rival.match_id} "
+                           f"({rival.num_inliers}) at different places both verify (ambiguity_ratio="
+                           f"{self.config.ambiguity_ratio})")
+
+    def _apply_temporal_consistency(self, loops: list[LoopClosure]) -> None:
+        """ORB-SLAM-style covisibility consistency, on keyframe order: a candidate is accepted once each of the
+        previous N-1 queries verified a keyframe within ``consistency_window`` positions of it."""
+        verified = {self.database.position_of(c.match_id) for c in loops if c.accepted}
+        needed = self.config.temporal_consistency - 1
+        if needed > 0:
+            window = self.config.consistency_window
+            history = list(self._recent_verified)[-needed:]
+            for loop in loops:
+                if not loop.accepted:
+                    continue
+                position = self.database.position_of(loop.match_id)
+                confirmed = sum(any(abs(position - p) <= window for p in previous) for previous in history)
+                if len(history) < needed or confirmed < needed:
+                    loop.accepted = False
+                    loop.reason = (f"awaiting temporal consistency: confirmed by {confirmed} of the previous "
+                                   f"{needed} keyframes (temporal_consistency={self.config.temporal_consistency})")
+        self._remember(verified)
+
+    def _remember(self, verified_positions: set[int]) -> None:
+        self._recent_verified.append(verified_positions)
+
+    # -------------------------------------------------------------------- relocalization
+    def relocalize(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None,
+                   stamp_ns: int = 0, exclude_ids: set[int] | None = None) -> Relocalization:
+        """Pose of an image in the map frame from the best verified keyframe (most inliers), metric only."""
+        start_total = time.perf_counter()
+        keyframe, features, timing = self.describe(image, K, stamp_ns, -1, None, depth)
+        start = time.perf_counter()
+        candidates = self.database.query(keyframe.global_descriptor, exclude_ids=exclude_ids, exclude_recent=False)
+        candidates = [c for c in candidates if self.database.keyframes[c.position].T_map_camera is not None]
+        timing["retrieve"] = (time.perf_counter() - start) * 1e3
+        if len(keyframe) == 0:
+            return Relocalization(False, "no keypoints in the image", timing_ms=timing)
+        if not candidates:
+            return Relocalization(False, "no keyframe with a pose in the map" if len(self.database)
+                                  else "map is empty", timing_ms=timing)
+        loops = self._verify(keyframe, features, candidates, timing, check_odometry=False)
+        timing["total"] = (time.perf_counter() - start_total) * 1e3
+        for loop in loops:
+            if loop.accepted and not loop.metric:
+                loop.accepted = False
+                loop.reason = "no depth in the image or the keyframe: translation scale unknown (monocular)"
+        accepted = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        if len(accepted) > 1:  # ambiguity: a runner-up verifying nearly as well puts the query somewhere else
+            T_best = self.database.get(accepted[0].match_id).T_map_camera @ accepted[0].T_match_query
+            for rival in accepted[1:]:
+                if rival.num_inliers < self.config.ambiguity_ratio * accepted[0].num_inliers:
+                    break
+                T_rival = self.database.get(rival.match_id).T_map_camera @ rival.T_match_query
+                if (np.linalg.norm(T_rival[:3, 3] - T_best[:3, 3]) > self.config.max_drift_abs_m
+                        or rotation_angle_deg(T_rival[:3, :3].T @ T_best[:3, :3]) > self.config.max_drift_abs_deg):
+                    for loop in accepted:
+                        loop.accepted = False
+                        loop.reason = (f"ambiguous: keyframes {accepted[0].match_id} and {rival.match_id} put the "
+                                       f"image at different map poses with similar support")
+                    accepted = []
+                    break
+        if not accepted:
+            reasons = "; ".join(f"kf {c.match_id}: {c.reason}" for c in loops)
+            return Relocalization(False, f"no candidate verified ({reasons})", candidates=loops, timing_ms=timing)
+        best = accepted[0]
+        T_map_match = self.database.get(best.match_id).T_map_camera
+        T_map_query = T_map_match @ best.T_match_query
+        covariance_match = _safe_inverse(best.information)
+        ad = adjoint(T_map_match)
+        covariance = ad @ covariance_match @ ad.T
+        return Relocalization(True, "ok", T_map_query, 0.5 * (covariance + covariance.T), best.match_id,
+                              best.num_matches, best.num_inliers, loops, timing)
+
+    # -------------------------------------------------------------------- persistence
+    def map_metadata(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return vars(self.pipeline.config.features).copy(), {"codebook": str(self.config.codebook),
+                                                            "codebook_sha256": self.codebook_sha256}
+
+    def save_map(self, directory: Path | str) -> Path:
+        from feature_matching_ros.retrieval.persistence import save_map
+
+        feature_config, global_info = self.map_metadata()
+        return save_map(self.database, directory, feature_config, global_info)
+
+    def load_map(self, directory: Path | str) -> dict[str, Any]:
+        """Replace the database with a saved map; refuses maps of other features or another codebook."""
+        from feature_matching_ros.retrieval.persistence import load_map
+
+        feature_config, global_info = self.map_metadata()
+        database, manifest = load_map(directory, feature_config, self.config.retrieval)
+        stored = manifest["global_descriptor"]
+        if stored.get("kind") != self.database.kind or stored.get("codebook_sha256") != self.codebook_sha256:
+            raise MapFormatError(f"map {directory} was indexed with {stored.get('kind')} codebook sha256 "
+                                 f"{stored.get('codebook_sha256')}; the engine uses {self.database.kind} "
+                                 f"{self.codebook_sha256} (global descriptors would not be comparable)")
+        if self.pipeline.needs_images and any(k.image is None for k in database.keyframes):
+            raise MapFormatError(f"map {directory} stores no keyframe images; matcher="
+                                 f"{self.pipeline.config.matcher.name} matches pixels and needs a map built by a "
+                                 "preset that keeps them (eloftr)")
+        self.database = database
+        # Rebuild the odometry graph in database order (loop edges are not persisted: the backend owns them).
+        self.graph = KeyframeGraph()
+        self._pending_loops = {}
+        previous = None
+        for keyframe in database.keyframes:
+            self.graph.add_node(previous, keyframe.T_map_camera)
+            previous = keyframe.T_map_camera
+        self._next_id = max((k.id for k in database.keyframes), default=-1) + 1
+        return manifest
+
+
+def _safe_inverse(information: np.ndarray) -> np.ndarray:
+    """Covariance from information; unobservable directions get a huge variance instead of inf."""
+    eigenvalues, vectors = np.linalg.eigh(0.5 * (information + information.T))
+    inverse = np.where(eigenvalues > 1e-9 * max(eigenvalues.max(), 1e-12), 1.0 / np.maximum(eigenvalues, 1e-300), 1e6)
+    return (vectors * inverse) @ vectors.T
+
+
+def build_engine(preset: str, override: dict[str, Any] | None = None, device: str | None = None
+                 ) -> LoopClosureEngine:
+    """Engine + pipeline from a preset name (presets.py), e.g. ``build_engine("orb_lightglue")``."""
+    from feature_matching_ros.pipeline import MatchingPipeline
+    from feature_matching_ros.presets import build_configs, merge
+
+    if device is not None:
+        override = merge(override or {}, {"pipeline": {"device": device}})
+    pipeline_config, engine_config = build_configs(preset, override)
+    return LoopClosureEngine(MatchingPipeline(pipeline_config), engine_config)

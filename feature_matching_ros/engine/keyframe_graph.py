@@ -1,0 +1,66 @@
+"""The keyframe graph behind the odometry gate: what the backend's poses say about a candidate loop.
+
+Nodes are database positions. Odometry edges join consecutive keyframes with their relative backend pose
+(``T_prev_new``) and the distance travelled; accepted metric loops add edges of length 0. A loop candidate
+is compared with the relative pose predicted by composing edges along the SHORTEST path (metres travelled)
+between the two keyframes: the odometry accumulated drift along that path only, so the allowance is
+``abs + ratio * path length``. Accepted loops shorten later paths, so after a first closure the gate tightens
+to the drift since then, as a backend's marginal covariance would.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from feature_matching_ros.geometry.se3 import inverse
+
+
+class KeyframeGraph:
+    def __init__(self) -> None:
+        # neighbours[i] = [(j, T_j_i, length_m)]
+        self._neighbours: list[list[tuple[int, np.ndarray, float]]] = []
+
+    def __len__(self) -> int:
+        return len(self._neighbours)
+
+    def add_node(self, previous_pose: np.ndarray | None, pose: np.ndarray | None) -> int:
+        """Append a keyframe (backend pose T_map_camera or None) joined to the previous node by odometry."""
+        position = len(self._neighbours)
+        self._neighbours.append([])
+        if position > 0 and previous_pose is not None and pose is not None:
+            T_prev_new = inverse(previous_pose) @ pose
+            step = float(np.linalg.norm(T_prev_new[:3, 3]))
+            self._neighbours[position - 1].append((position, inverse(T_prev_new), step))
+            self._neighbours[position].append((position - 1, T_prev_new, step))
+        return position
+
+    def add_loop(self, match_position: int, query_position: int, T_match_query: np.ndarray) -> None:
+        """A metric loop: a zero-length edge between two nodes."""
+        self._neighbours[query_position].append((match_position, T_match_query, 0.0))
+        self._neighbours[match_position].append((query_position, inverse(T_match_query), 0.0))
+
+    def predict(self, start: int, T_start_query: np.ndarray, start_distance: float, targets: set[int]
+                ) -> dict[int, tuple[np.ndarray, float]]:
+        """Dijkstra (edge length = metres travelled) from a query attached to node ``start`` by ``T_start_query``
+        (``start_distance`` metres away) to the target nodes: {node: (T_node_query, path length m)}. Targets the
+        graph cannot reach (missing poses) are absent."""
+        best: dict[int, float] = {start: start_distance}
+        transforms = {start: T_start_query}
+        heap = [(start_distance, start)]
+        done: dict[int, tuple[np.ndarray, float]] = {}
+        remaining = set(targets)
+        while heap and remaining:
+            distance, node = heapq.heappop(heap)
+            if node in done or distance > best.get(node, np.inf):
+                continue
+            done[node] = (transforms[node], distance)
+            remaining.discard(node)
+            for neighbour, T_neighbour_node, length in self._neighbours[node]:
+                candidate_distance = distance + length
+                if candidate_distance < best.get(neighbour, np.inf):
+                    best[neighbour] = candidate_distance
+                    transforms[neighbour] = T_neighbour_node @ transforms[node]
+                    heapq.heappush(heap, (candidate_distance, neighbour))
+        return {node: done[node] for node in targets if node in done}
