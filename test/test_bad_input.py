@@ -95,13 +95,21 @@ def test_pose_failures_are_reported_not_raised():
     points = np.c_[rng.uniform(-2, 2, 150), rng.uniform(-1.5, 1.5, 150), rng.uniform(4, 9, 150)]
     project = lambda X: X[:, :2] / X[:, 2:] * 500 + [160, 120]  # noqa: E731
     rotation = np.array([[0.995, -0.0998, 0], [0.0998, 0.995, 0], [0, 0, 1.0]])
+    # Degenerate for the essential matrix: the homography gives the pose (rotation only without parallax).
     pure_rotation = estimate_relative_pose(project(points), project(points @ rotation.T), K, K)
-    assert not pure_rotation.success and "pure rotation" in pure_rotation.reason
+    assert pure_rotation.success and pure_rotation.method == "homography", pure_rotation.reason
+    assert np.degrees(np.arccos((np.trace(pure_rotation.R.T @ rotation) - 1) / 2)) < 0.5  # GT is orthonormal to 1e-5
+    assert np.allclose(pure_rotation.t, 0) and np.allclose(pure_rotation.information[:3], 0)
+    assert np.linalg.eigvalsh(pure_rotation.information[3:, 3:]).min() > 0
 
     plane = np.c_[points[:, :2], np.full(150, 6.0)]
     moved = plane @ rotation.T + [0.4, 0.1, 0.2]
     planar = estimate_relative_pose(project(plane), project(moved), K, K)
-    assert not planar.success and "planar" in planar.reason
+    assert planar.success and planar.method == "homography", planar.reason
+    assert np.degrees(np.arccos(np.clip((np.trace(planar.R.T @ rotation) - 1) / 2, -1, 1))) < 0.5
+    direction = np.array([0.4, 0.1, 0.2]) / np.linalg.norm([0.4, 0.1, 0.2])
+    assert np.degrees(np.arccos(np.clip(planar.t @ direction, -1, 1))) < 2.0
+    assert abs(direction @ planar.information[:3, :3] @ direction) < 1e-6 * np.trace(planar.information)
 
     # With depth the same planar scene is not degenerate: PnP gives the metric pose.
     depth = np.zeros((240, 320), np.float32)

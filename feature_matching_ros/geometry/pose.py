@@ -8,9 +8,10 @@ perturbation T_1_0 <- exp([v, w]) T_1_0 on the left. It is J^T J / sigma^2 of th
 scale, so tight, numerous inliers give a confident constraint. For the essential matrix the
 translation along t is unobservable (scale), and the information says so: zero along that direction.
 
-Failures are results, not exceptions: too few matches, too few inliers, a homography explaining the
-matches as well as the essential matrix (pure rotation or a single plane: the monocular pose is
-ambiguous) are returned with ``success=False`` and a reason.
+Failures are results, not exceptions: too few matches or inliers are returned with ``success=False`` and a
+reason. When a homography explains the matches as well as the essential matrix (pure rotation or a single
+plane), the pose comes from the homography (``method="homography"``): rotation only without parallax
+(information zero on translation), else the decomposition's physically valid solution.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from feature_matching_ros.config import PoseConfig
 from feature_matching_ros.geometry.se3 import exp_so3 as _exp_so3
-from feature_matching_ros.geometry.se3 import invert_information
+from feature_matching_ros.geometry.se3 import invert_information, rotation_angle_deg
 from feature_matching_ros.geometry.se3 import skew as _skew
 
 
@@ -35,7 +36,7 @@ class RelativePose:
     inliers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (M,) over the matches
     information: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
     metric: bool = False  # True when t has metric scale (PnP with depth)
-    method: str = "none"  # "essential" | "pnp" | "none"
+    method: str = "none"  # "essential" | "homography" | "pnp" | "none"
 
     @property
     def num_inliers(self) -> int:
@@ -246,17 +247,16 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
         return RelativePose(False, f"too few essential-matrix inliers: {int(e_inliers.sum())} < "
                             f"min_inliers={config.min_inliers}", inliers=e_inliers, method="essential")
     # Degeneracy: if a homography explains (nearly) as many matches, the scene is a plane or the camera only
-    # rotated; the essential matrix is then ill-posed and its pose should not be trusted.
+    # rotated; the essential matrix is then ill-posed, and the homography gives the pose instead (the rotation
+    # always; the translation direction only when there is parallax). For loop closure these pairs matter:
+    # revisits from nearly the same spot have little parallax, and corridors and facades are planes.
     H, h_mask = cv2.findHomography(rays0[:, :2], rays1[:, :2], cv2.USAC_MAGSAC, threshold * 2.0,
                                    maxIters=config.max_iterations, confidence=config.confidence)
     if H is not None and h_mask is not None:
-        h_inliers = int(h_mask.sum())
-        if h_inliers >= config.homography_ratio * int(e_inliers.sum()):
-            singular = np.linalg.svd(H / np.cbrt(np.linalg.det(H)), compute_uv=False)
-            kind = "pure rotation (no parallax)" if singular[0] / singular[2] < 1.05 else "planar scene"
-            return RelativePose(False, f"degenerate: {kind}; homography explains {h_inliers} of "
-                                f"{int(e_inliers.sum())} essential inliers, monocular pose is ambiguous",
-                                inliers=e_inliers, method="essential")
+        h_inliers = h_mask.ravel().astype(bool)
+        if h_inliers.sum() >= config.homography_ratio * int(e_inliers.sum()):
+            _, R_essential, _, _ = cv2.recoverPose(E, rays0[:, :2], rays1[:, :2], np.eye(3), mask=mask.copy())
+            return _pose_homography(H, h_inliers, rays0, rays1, mean_focal, config, R_essential)
     _, R, t, pose_mask = cv2.recoverPose(E, rays0[:, :2], rays1[:, :2], np.eye(3), mask=mask.copy())
     inliers = e_inliers & (pose_mask.ravel() > 0)
     if inliers.sum() < config.min_inliers:
@@ -272,3 +272,61 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     projector[:3, :3] -= np.outer(t, t)
     information = projector.T @ information @ projector
     return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="essential")
+
+
+_HOMOGRAPHY_TIE_DEG = 1.0  # the chosen decomposition's rotation must be this much closer to the essential one
+
+
+def _transfer_residuals(R: np.ndarray, rays0: np.ndarray, rays1: np.ndarray) -> np.ndarray:
+    """Rotation-only transfer error in normalised image units: project R x0 and compare with x1."""
+    rotated = rays0 @ R.T
+    return (rotated[:, :2] / rotated[:, 2:3] - rays1[:, :2] / rays1[:, 2:3]).ravel()
+
+
+def _pose_homography(H: np.ndarray, inliers: np.ndarray, rays0: np.ndarray, rays1: np.ndarray, mean_focal: float,
+                     config: PoseConfig, R_essential: np.ndarray) -> RelativePose:
+    """Pose of a degenerate pair from its homography (normalised coordinates), ``method="homography"``.
+
+    Pure rotation (singular values of H all equal): R is H projected onto SO(3), t = 0, and the information is
+    zero on all of translation (unobservable without parallax). A plane: the decomposition into (R, t, n)
+    keeps the solutions that put the inlier points in front of both cameras; two usually remain, explaining the
+    points equally well, and the one whose rotation is closest to the essential matrix's breaks the tie (real
+    scenes are rarely exactly planar). It must be clearly closer (``_HOMOGRAPHY_TIE_DEG``) or the pair is refused
+    as ambiguous. The information is that of the essential-matrix residuals, zero along t (scale).
+    """
+    count = len(rays0)
+    if inliers.sum() < config.min_inliers:
+        return RelativePose(False, f"too few homography inliers: {int(inliers.sum())} < min_inliers="
+                            f"{config.min_inliers}", inliers=inliers, method="homography")
+    r0, r1 = rays0[inliers], rays1[inliers]
+    H = H / np.cbrt(np.linalg.det(H))
+    singular = np.linalg.svd(H, compute_uv=False)
+    if singular[0] / singular[2] < 1.05:  # no parallax: the camera only rotated
+        u, _, vt = np.linalg.svd(H)
+        R = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+        residuals = _transfer_residuals(R, r0, r1)
+        jacobian = _numeric_jacobian(lambda d: _transfer_residuals(_perturb(R, np.zeros(3), d)[0], r0, r1))
+        information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+        information[:3, :], information[:, :3] = 0.0, 0.0
+        return RelativePose(True, "ok", R, np.zeros(3), inliers, information, metric=False, method="homography")
+    _, rotations, translations, normals = cv2.decomposeHomographyMat(H, np.eye(3))
+    visible = cv2.filterHomographyDecompByVisibleRefpoints(
+        rotations, normals, r0[:, None, :2].astype(np.float32), r1[:, None, :2].astype(np.float32))
+    options = range(len(rotations)) if visible is None else visible.ravel()
+    ranked = sorted((rotation_angle_deg(rotations[i].T @ R_essential), i) for i in options
+                    if np.linalg.norm(translations[i]) > 1e-9)
+    if not ranked:
+        return RelativePose(False, "degenerate: planar scene whose homography has no valid decomposition",
+                            inliers=inliers, method="homography")
+    if len(ranked) > 1 and ranked[1][0] - ranked[0][0] < _HOMOGRAPHY_TIE_DEG:
+        return RelativePose(False, "degenerate: planar scene with two equally valid poses (homography "
+                            "decomposition ambiguous)", inliers=inliers, method="homography")
+    R, t = rotations[ranked[0][1]], translations[ranked[0][1]].ravel()
+    t = t / np.linalg.norm(t)
+    residuals = _sampson_residuals(R, t, r0, r1)
+    jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
+    information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+    projector = np.eye(6)
+    projector[:3, :3] -= np.outer(t, t)
+    information = projector.T @ information @ projector
+    return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="homography")
