@@ -19,8 +19,7 @@ import copy
 from typing import Any
 
 _VLAD_ENGINE = {"global_descriptor": "vlad", "codebook": "default",
-                "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20},
-                "min_inliers": 50, "min_inlier_ratio": 0.5}
+                "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "orb_lightglue": {
@@ -39,23 +38,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": -1},
                      "device": "cpu"},
         "engine": _VLAD_ENGINE | {"retrieval": {"top_k": 3, "exclude_recent_seconds": 10.0,
-                                                "exclude_recent_count": 20},
-                                  "min_inliers": 40},
+                                                "exclude_recent_count": 20}},
     },
     "eloftr": {
         "pipeline": {"features": {"detector": "orb", "descriptor": "aliked", "max_keypoints": 1024,
                                   "resize_max": 640},
                      "matcher": {"name": "eloftr", "weights": "default", "eloftr_mode": "full",
                                  "coarse_threshold": 0.2}},
-        # Semi-dense matches are many and correlated: more inliers are needed than for 1024 keypoints.
-        "engine": _VLAD_ENGINE | {"min_inliers": 100},
+        # Semi-dense matches are many and correlated: capacity is the coarse-cell count (4800 for VGA), 2 % of it.
+        "engine": _VLAD_ENGINE | {"min_inlier_fraction": 0.02},
     },
     "orb_bow_nn": {
         "pipeline": {"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024},
                      "matcher": {"name": "nn", "ratio_test": 0.8, "max_hamming": 64}},
         "engine": {"global_descriptor": "bow", "codebook": "default",
-                   "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20},
-                   "min_inliers": 50, "min_inlier_ratio": 0.5},
+                   "retrieval": {"top_k": 5, "exclude_recent_seconds": 10.0, "exclude_recent_count": 20}},
     },
 }
 

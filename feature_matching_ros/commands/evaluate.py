@@ -78,8 +78,10 @@ def evaluate_bag(bag: Path, presets: list[str], report: Path, topics, gt_loops: 
     for preset in presets:
         runs[preset] = evaluate_preset(preset, frames, gt, device, reloc_queries)
         loop = runs[preset]["loop"]
-        LOG.info("[%s] precision %s recall %s false positives %d, max recall@100%%P %.3f", preset,
-                 loop["precision"], loop["recall"], loop["false_positives"], loop["max_recall_at_100_precision"])
+        retrieval = runs[preset]["retrieval"]
+        LOG.info("[%s] precision %s recall %s false positives %d, max recall@100%%P %.3f, retrieval recall@%d %s",
+                 preset, loop["precision"], loop["recall"], loop["false_positives"],
+                 loop["max_recall_at_100_precision"], retrieval["top_k"], retrieval[f"recall@{retrieval['top_k']}"])
     header = {"bag": str(bag), "keyframes": len(frames), "keyframe_every": keyframe_every,
               "gt_loops": len(gt), "gt_source": gt_source, "skipped": skipped, "device": device,
               "torch_threads": torch.get_num_threads(), "wall_time_s": round(time.perf_counter() - start, 1)}

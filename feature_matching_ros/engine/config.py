@@ -16,8 +16,12 @@ class EngineConfig:
     global_descriptor: str = "auto"  # auto: bow for binary (ORB) descriptors, vlad otherwise
     codebook: str = "default"  # path to a codebook .npz, or "default" = the shipped one for the descriptor
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    min_inliers: int = 50  # accepted loops need at least this many geometric inliers
-    min_inlier_ratio: float = 0.5  # ... and inliers / matches at least this
+    # Support, relative to what the pair can show: inliers >= max(min_inliers, min_inlier_fraction x the smaller
+    # keyframe's keypoint count) (pixel matchers: x the smaller image's coarse 8x8 cells), and inliers / matches
+    # >= min_inlier_ratio. min_inliers is the statistical floor of a 5-point / PnP RANSAC, not a tuning knob.
+    min_inliers: int = 20
+    min_inlier_fraction: float = 0.05
+    min_inlier_ratio: float = 0.5
     # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
     temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
@@ -33,6 +37,11 @@ class EngineConfig:
     min_depth_agreement: float = 0.7
     depth_tolerance_rel: float = 0.1
     depth_tolerance_abs_m: float = 0.1
+    # Scene agreement (PnP, both keyframes with depth): ALL query keypoints with depth, moved into the match camera,
+    # must land next to (scene_radius_ratio x image diagonal) match keypoints of the same depth, for at least this
+    # fraction of those that land next to one. Inliers on a repeated poster agree; the room around it does not.
+    min_scene_agreement: float = 0.5
+    scene_radius_ratio: float = 0.012
     # Reprojection residuals: the median inlier residual after refinement must stay below this fraction of the
     # PnP RANSAC threshold (a correct pose sits at the noise level; a forced one spreads over the whole band).
     max_median_residual_ratio: float = 0.5
@@ -47,10 +56,13 @@ class EngineConfig:
     # Accepted loops shorten the paths, so after the first closure the gate tightens to the drift since then,
     # as a backend's marginal covariance would. Repetitive textures verify with a pose one period away.
     odometry_gate: bool = True
-    max_drift_abs_m: float = 0.3
-    max_drift_ratio: float = 0.05
+    # Defaults: a visual(-inertial) odometry within 3 % of the distance travelled and 0.5 deg per metre, which
+    # covers ORB-SLAM3-class frontends with margin; wheel odometry may need more. Monocular loops (scale unknown)
+    # are gated on rotation only.
+    max_drift_abs_m: float = 0.25
+    max_drift_ratio: float = 0.03
     max_drift_abs_deg: float = 5.0
-    max_drift_deg_per_m: float = 1.0
+    max_drift_deg_per_m: float = 0.5
 
     def __post_init__(self) -> None:
         _check_choice("global_descriptor", self.global_descriptor, GLOBAL_DESCRIPTORS)
@@ -61,6 +73,9 @@ class EngineConfig:
                 raise ConfigError(f"unknown keys in engine.retrieval: {sorted(unknown)}; allowed: {sorted(known)}")
             self.retrieval = RetrievalConfig(**self.retrieval)
         _check_range("min_inliers", self.min_inliers, 5, 100_000)
+        _check_range("min_inlier_fraction", self.min_inlier_fraction, 0.0, 1.0)
+        _check_range("min_scene_agreement", self.min_scene_agreement, 0.0, 1.0)
+        _check_range("scene_radius_ratio", self.scene_radius_ratio, 0.0, 0.5)
         _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
         _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
         _check_range("consistency_window", self.consistency_window, 0, 100_000)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from feature_matching_ros.config import ConfigError
-from feature_matching_ros.engine.acceptance import depth_agreement, inlier_coverage, median_reprojection_residual
+from feature_matching_ros.engine.acceptance import (depth_agreement, inlier_coverage, median_reprojection_residual,
+                                                    scene_depth_agreement)
 from feature_matching_ros.engine.config import EngineConfig
 from feature_matching_ros.engine.keyframe_graph import KeyframeGraph
 from feature_matching_ros.engine.records import KeyframeResult, LoopClosure, Relocalization
@@ -157,21 +158,25 @@ class LoopClosureEngine:
 
     def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
         """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
-        with odometry (+ earlier loops) by more than the drift allowed along the shortest path."""
-        if not loop.metric or prediction is None:
+        with odometry (+ earlier loops) by more than the drift allowed along the shortest path. Loops without
+        metric scale are compared on rotation only."""
+        if prediction is None:
             return None
         T_predicted, path_length = prediction
-        loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
         loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
         loop.path_length_m = float(path_length)
+        if loop.metric:
+            loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
         if not self.config.odometry_gate:
             return None
         max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
         max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
-        if loop.drift_translation_m > max_translation or loop.drift_rotation_deg > max_rotation:
-            return (f"inconsistent with odometry: moves the keyframe {loop.drift_translation_m:.2f} m / "
-                    f"{loop.drift_rotation_deg:.1f} deg over a {path_length:.1f} m graph path (allowed "
-                    f"{max_translation:.2f} m / {max_rotation:.1f} deg; repetitive structure?)")
+        translation_off = loop.metric and loop.drift_translation_m > max_translation
+        if translation_off or loop.drift_rotation_deg > max_rotation:
+            moved = f"{loop.drift_translation_m:.2f} m / " if loop.metric else ""
+            return (f"inconsistent with odometry: moves the keyframe {moved}{loop.drift_rotation_deg:.1f} deg over "
+                    f"a {path_length:.1f} m graph path (allowed {max_translation:.2f} m / {max_rotation:.1f} deg; "
+                    "repetitive structure?)")
         return None
 
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:
@@ -268,8 +273,10 @@ class LoopClosureEngine:
             else:
                 loop.median_residual_px = median_reprojection_residual(
                     inliers.points0, depth_query, query.K, inliers.points1, candidate.K, loop.T_match_query)
-        if loop.num_inliers < config.min_inliers:
-            return f"too few inliers: {loop.num_inliers} < min_inliers={config.min_inliers}"
+        required = max(config.min_inliers, int(np.ceil(config.min_inlier_fraction * self._capacity(query, candidate))))
+        if loop.num_inliers < required:
+            return (f"too few inliers: {loop.num_inliers} < {required} (min_inliers={config.min_inliers}, "
+                    f"min_inlier_fraction={config.min_inlier_fraction} of what the pair can show)")
         if loop.inlier_ratio < config.min_inlier_ratio:
             return f"inlier ratio {loop.inlier_ratio:.2f} < min_inlier_ratio={config.min_inlier_ratio}"
         if loop.inlier_coverage < config.min_inlier_coverage:
@@ -282,7 +289,23 @@ class LoopClosureEngine:
         if loop.depth_agreement is not None and loop.depth_agreement < config.min_depth_agreement:
             return (f"depth inconsistent: {loop.depth_agreement:.2f} of the inliers have the predicted depth < "
                     f"min_depth_agreement={config.min_depth_agreement}")
+        if loop.method == "pnp" and query.depth_at_keypoints is not None and candidate.depth_at_keypoints is not None:
+            radius = config.scene_radius_ratio * float(np.hypot(*candidate.image_size))
+            loop.scene_agreement = scene_depth_agreement(
+                query.keypoints, query.depth_at_keypoints, query.K, candidate.keypoints, candidate.depth_at_keypoints,
+                candidate.K, candidate.image_size, loop.T_match_query, config.depth_tolerance_rel,
+                config.depth_tolerance_abs_m, radius)
+            if loop.scene_agreement is not None and loop.scene_agreement < config.min_scene_agreement:
+                return (f"scene inconsistent: {loop.scene_agreement:.2f} of the query's keypoints land at the depth "
+                        f"the match sees < min_scene_agreement={config.min_scene_agreement}")
         return None
+
+    def _capacity(self, query: Keyframe, candidate: Keyframe) -> int:
+        """How many correspondences the pair could show at most: the smaller keypoint count (sparse matchers), or
+        the smaller image's count of 8x8 coarse cells (pixel matchers)."""
+        if self.pipeline.needs_images:
+            return min((w // 8) * (h // 8) for w, h in (query.image_size, candidate.image_size))
+        return min(len(query), len(candidate))
 
     def detect_loops(self, keyframe: Keyframe, features: Features, exclude_ids: set[int] | None = None,
                      timing: dict[str, float] | None = None) -> KeyframeResult:

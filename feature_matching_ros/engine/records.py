@@ -52,6 +52,7 @@ class LoopClosure:
     inlier_coverage: float | None = None
     depth_agreement: float | None = None
     median_residual_px: float | None = None
+    scene_agreement: float | None = None
 
     @property
     def inlier_ratio(self) -> float:
@@ -68,7 +69,8 @@ class LoopClosure:
                 "drift_translation_m": self.drift_translation_m, "drift_rotation_deg": self.drift_rotation_deg,
                 "path_length_m": self.path_length_m, "inlier_coverage": _rounded(self.inlier_coverage),
                 "depth_agreement": _rounded(self.depth_agreement),
-                "median_residual_px": _rounded(self.median_residual_px)}
+                "median_residual_px": _rounded(self.median_residual_px),
+                "scene_agreement": _rounded(self.scene_agreement)}
 
 
 @dataclass

@@ -46,6 +46,24 @@ def reachable_loops(frames, gt: set[tuple[int, int]], retrieval) -> dict[int, se
     return reachable
 
 
+def retrieval_recall(results, reachable: dict[int, set[int]], top_k: int) -> dict[str, Any]:
+    """Is a true loop among the retrieved candidates? Over the queries with a reachable GT loop, the fraction
+    whose candidates (KeyframeResult.candidates, ``retrieval_rank`` 0-based) include a GT match within the first
+    k, for k = 1 .. top_k (the engine verifies top_k candidates, so recall@top_k bounds the loop recall)."""
+    best_rank: dict[int, int] = {}
+    for result in results:
+        matches = reachable.get(result.keyframe_id)
+        if not matches:
+            continue
+        ranks = [c.retrieval_rank for c in result.candidates if c.match_id in matches]
+        best_rank[result.keyframe_id] = min(ranks, default=top_k)
+    queries = len(reachable)
+    recall = {f"recall@{k}": (sum(rank < k for rank in best_rank.values()) / queries if queries else None)
+              for k in sorted({1, min(3, top_k), top_k})}
+    return {"queries": queries, "top_k": top_k, **recall,
+            "note": "queries with a reachable GT loop whose top-k retrieved keyframes include a GT match"}
+
+
 def detection_metrics(accepted: list[AcceptedLoop], frames, gt: set[tuple[int, int]], retrieval) -> dict[str, Any]:
     """Precision / recall / false positives of the accepted loops (image-topic indices = keyframe ids)."""
     from feature_matching_ros.eval.loop_eval import judge_loop

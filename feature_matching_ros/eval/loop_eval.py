@@ -257,6 +257,9 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
         },
         "latency_ms": latency,
     }
+    from feature_matching_ros.eval.loop_detection import retrieval_recall
+
+    metrics["retrieval"] = retrieval_recall(results, reachable, engine.config.retrieval.top_k)
     metrics["relocalization"] = _evaluate_relocalization(engine, frames, reachable, reloc_queries)
     metrics["trajectory"] = _evaluate_trajectory(frames, accepted)
     metrics["_results"] = results  # removed before writing; used for plots

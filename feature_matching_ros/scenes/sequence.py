@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -104,6 +105,52 @@ def _check_args(scene: str, frames: int, width: int, height: int, storage: str) 
         raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGE_FORMATS)}")
 
 
+@dataclass
+class SequencePlan:
+    """Everything of a sequence but its pixels, derived from (scene, frames, seed, size): trajectory (N, 4, 4)
+    T_map_camera, odometry (N, 4, 4) and its velocities / covariances, exposure gains (N,), laps, K (3, 3)."""
+
+    scene: str
+    seed: int
+    width: int
+    height: int
+    layout: object
+    laps: list
+    poses: np.ndarray
+    T_odom: np.ndarray
+    linear_velocity: np.ndarray
+    angular_velocity: np.ndarray
+    pose_covariance: np.ndarray
+    twist_covariance: np.ndarray
+    exposure: np.ndarray
+    K: np.ndarray
+
+
+def plan_sequence(scene: str, frames: int, seed: int, width: int = 640, height: int = 480) -> SequencePlan:
+    layout = build_scene(scene, seed)
+    trajectory_rng = np.random.default_rng([int(seed), 1])
+    laps = default_lap_plan(layout, trajectory_rng)
+    poses = make_trajectory(layout, frames, trajectory_rng, laps)
+    T_odom, lin, ang, pose_cov, twist_cov = simulate_odometry(poses, np.random.default_rng([int(seed), 2]))
+    exposure = np.exp(0.12 * _smooth_noise(np.random.default_rng([int(seed), 3]), frames, 60.0))
+    return SequencePlan(scene, int(seed), width, height, layout, laps, poses, T_odom, lin, ang, pose_cov, twist_cov,
+                        exposure, default_intrinsics(width, height))
+
+
+def render_frames(plan: SequencePlan, indices: Iterable[int] | None = None) -> Iterator[SequenceFrame]:
+    """The frames ``generate_sequence`` writes for this plan (default: all, in order), rendered on demand: same
+    images (exposure and noise streams per frame index), depth, GT pose and odometry as in the bag."""
+    renderer = Renderer(plan.layout.scene)
+    for k in (range(len(plan.poses)) if indices is None else indices):
+        result = renderer.render(plan.K, plan.poses[k], plan.width, plan.height, exposure=float(plan.exposure[k]))
+        noise_rng = np.random.default_rng([plan.seed, 4, k])
+        noisy = result.rgb * 255.0 + noise_rng.normal(0.0, NOISE_SIGMA_DN, result.rgb.shape).astype(np.float32)
+        image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        stamp = FIRST_STAMP_NS + round(k * 1e9 / RATE_HZ)
+        yield SequenceFrame(k, stamp, image, result.depth, plan.K, plan.poses[k], plan.T_odom[k],
+                            plan.linear_velocity[k], plan.angular_velocity[k])
+
+
 def generate_sequence(out_dir: Path | str, scene: str = "office", frames: int = 300, seed: int = 0,
                       storage: str = "mcap", width: int = 640, height: int = 480, overwrite: bool = False,
                       progress: bool = True) -> Path:
@@ -126,32 +173,19 @@ def generate_sequence(out_dir: Path | str, scene: str = "office", frames: int = 
                 target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    layout = build_scene(scene, seed)
-    trajectory_rng = np.random.default_rng([int(seed), 1])
-    laps = default_lap_plan(layout, trajectory_rng)
-    poses = make_trajectory(layout, frames, trajectory_rng, laps)
-    T_odom, lin, ang, pose_cov, twist_cov = simulate_odometry(poses, np.random.default_rng([int(seed), 2]))
-    exposure = np.exp(0.12 * _smooth_noise(np.random.default_rng([int(seed), 3]), frames, 60.0))
-    K = default_intrinsics(width, height)
-    renderer = Renderer(layout.scene)
+    plan = plan_sequence(scene, frames, seed, width, height)
+    layout, poses, K, exposure, laps = plan.layout, plan.poses, plan.K, plan.exposure, plan.laps
     coarse_depths = []
     bag_path = out_dir / "bag"
     started = time.perf_counter()
-    render_seconds = 0.0
     with SequenceBagWriter(bag_path, storage) as writer:
-        for k in range(frames):
-            t0 = time.perf_counter()
-            result = renderer.render(K, poses[k], width, height, exposure=float(exposure[k]))
-            render_seconds += time.perf_counter() - t0
-            noise_rng = np.random.default_rng([int(seed), 4, k])
-            noisy = result.rgb * 255.0 + noise_rng.normal(0.0, NOISE_SIGMA_DN, result.rgb.shape).astype(np.float32)
-            image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-            stamp = FIRST_STAMP_NS + round(k * 1e9 / RATE_HZ)
-            frame = SequenceFrame(k, stamp, image, result.depth, K, poses[k], T_odom[k], lin[k], ang[k])
-            writer.write_frame(frame, pose_cov[k], twist_cov[k])
-            coarse_depths.append(result.depth[::LOOP_DEPTH_STEP, ::LOOP_DEPTH_STEP].copy())
+        for frame in render_frames(plan):
+            k = frame.index
+            writer.write_frame(frame, plan.pose_covariance[k], plan.twist_covariance[k])
+            coarse_depths.append(frame.depth[::LOOP_DEPTH_STEP, ::LOOP_DEPTH_STEP].copy())
             if progress and (k % 50 == 49 or k == frames - 1):
-                LOG.info("rendered %d/%d frames (%.0f ms/frame render)", k + 1, frames, 1000 * render_seconds / (k + 1))
+                LOG.info("rendered %d/%d frames (%.0f ms/frame)", k + 1, frames,
+                         1000 * (time.perf_counter() - started) / (k + 1))
 
     criteria = LoopCriteria(distance_m=layout.loop_distance_m, min_index_gap=max(10, round(0.1 * frames)))
     loops = label_loops(poses, coarse_depths, scale_intrinsics(K, LOOP_DEPTH_STEP), criteria)
@@ -171,8 +205,8 @@ def generate_sequence(out_dir: Path | str, scene: str = "office", frames: int = 
         "loop_pairs": len(loops),
     }
     (out_dir / "sequence.json").write_text(json.dumps(metadata, indent=1, default=float) + "\n")
-    LOG.info("wrote %s: %d frames, %d loop pairs, %.1f s (render %.0f ms/frame)", bag_path, frames, len(loops),
-             time.perf_counter() - started, 1000 * render_seconds / frames)
+    LOG.info("wrote %s: %d frames, %d loop pairs, %.1f s", bag_path, frames, len(loops),
+             time.perf_counter() - started)
     return bag_path
 
 
