@@ -58,6 +58,7 @@ def summary_rows(metrics: dict) -> list[dict]:
         loop, trajectory = run["loop"], run.get("trajectory", {})
         reloc = run.get("relocalization", {})
         total = run.get("latency_ms", {}).get("total", {})
+        retrieval = run.get("retrieval", {})
         rows.append({"preset": name, "precision": loop["precision"], "recall": loop["recall"],
                      "false_positives": loop["false_positives"], "accepted": loop["accepted"],
                      "max_recall_at_100_precision": loop["max_recall_at_100_precision"],
@@ -66,6 +67,8 @@ def summary_rows(metrics: dict) -> list[dict]:
                      "reloc_success": reloc.get("success_rate"), "reloc_correct": reloc.get("correct_rate"),
                      "ate_before": trajectory.get("ate_before", {}).get("rmse"),
                      "ate_after": trajectory.get("ate_after", {}).get("rmse"),
+                     "retrieval_top_k": retrieval.get("top_k"),
+                     "retrieval_recall": retrieval.get(f"recall@{retrieval.get('top_k')}"),
                      "ms_per_keyframe_p50": total.get("p50"), "ms_per_keyframe_mean": total.get("mean")})
     return rows
 

@@ -358,23 +358,44 @@ class LoopClosureEngine:
                            f"{self.config.ambiguity_ratio})")
 
     def _apply_temporal_consistency(self, loops: list[LoopClosure]) -> None:
-        """ORB-SLAM-style covisibility consistency, on keyframe order: a candidate is accepted once each of the
-        previous N-1 queries verified a keyframe within ``consistency_window`` positions of it."""
+        """ORB-SLAM-style consistency: a candidate is accepted once each of the previous N-1 keyframes also verifies
+        a keyframe within ``consistency_window`` positions of it, so one look-alike pair cannot close a loop.
+
+        The previous keyframes' own verdicts are used first; a previous keyframe whose retrieval did not offer that
+        place is verified against the candidate's neighbourhood now (as ORB-SLAM3 checks the query's covisible
+        keyframes), so a loop is accepted when it is first seen instead of N-1 keyframes later."""
         verified = {self.database.position_of(c.match_id) for c in loops if c.accepted}
         needed = self.config.temporal_consistency - 1
         if needed > 0:
             window = self.config.consistency_window
             history = list(self._recent_verified)[-needed:]
+            history = [set()] * (needed - len(history)) + history
             for loop in loops:
                 if not loop.accepted:
                     continue
                 position = self.database.position_of(loop.match_id)
-                confirmed = sum(any(abs(position - p) <= window for p in previous) for previous in history)
-                if len(history) < needed or confirmed < needed:
+                confirmed = 0
+                for back, previous in enumerate(reversed(history), start=1):
+                    if any(abs(position - p) <= window for p in previous) or \
+                            self._previous_keyframe_confirms(len(self.database) - back, position):
+                        confirmed += 1
+                if confirmed < needed:
                     loop.accepted = False
                     loop.reason = (f"awaiting temporal consistency: confirmed by {confirmed} of the previous "
                                    f"{needed} keyframes (temporal_consistency={self.config.temporal_consistency})")
         self._remember(verified)
+
+    def _previous_keyframe_confirms(self, previous_position: int, match_position: int) -> bool:
+        """Does the keyframe at ``previous_position`` pass every check against the match keyframe or its
+        immediate neighbours (positions match +- 1, older than it)? Verified through the same code as a query."""
+        if previous_position < 0 or previous_position <= match_position + 1:
+            return False
+        previous = self.database.keyframes[previous_position]
+        candidates = [Candidate(p, self.database.keyframes[p].id, 0.0)
+                      for p in range(max(match_position - 1, 0), match_position + 2) if p < previous_position]
+        features = None if self.pipeline.needs_images else previous.to_features(self.pipeline.device)
+        loops = self._verify(previous, features, candidates, {}, source_position=previous_position)
+        return any(loop.accepted for loop in loops)
 
     def _remember(self, verified_positions: set[int]) -> None:
         self._recent_verified.append(verified_positions)

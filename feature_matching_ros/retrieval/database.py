@@ -187,6 +187,7 @@ class KeyframeDatabase:
         self.keyframes: list[Keyframe] = []
         self._index = faiss.IndexFlatIP(self.global_dim) if kind == "vlad" else BowInvertedIndex(self.global_dim)
         self._stamps = np.zeros(0, np.int64)
+        self._verifiable = np.zeros(0, bool)
         self._ids: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -218,11 +219,13 @@ class KeyframeDatabase:
             self._ids[keyframe.id] = len(self.keyframes)
             self.keyframes.append(keyframe)
         self._stamps = np.concatenate([self._stamps, [k.stamp_ns for k in keyframes]]).astype(np.int64)
+        self._verifiable = np.concatenate([self._verifiable, [len(k) > 0 or k.image is not None for k in keyframes]])
 
     def eligible_mask(self, query_stamp_ns: int | None, exclude_ids: set[int] | None = None,
                       exclude_recent: bool = True) -> np.ndarray:
-        """Boolean mask over positions of keyframes that may be returned for this query."""
-        mask = np.ones(len(self), bool)
+        """Boolean mask over positions of keyframes that may be returned for this query. Keyframes without
+        keypoints (textureless, or pose-only) can never verify and are never candidates."""
+        mask = self._verifiable.copy()
         if exclude_recent:
             if self.config.exclude_recent_count:
                 mask[max(0, len(self) - self.config.exclude_recent_count):] = False
