@@ -467,6 +467,27 @@ def test_save_load_map_and_restart(harness, ros_context, stereo, tmp_path):
     assert str(corrupt) in str(error.value) and "map_load_failure=stop" in str(error.value)
 
 
+def test_save_map_never_overwrites_what_it_did_not_write(harness, tmp_path):
+    """SaveMap onto a directory holding the user's files: refused with the reason, every file intact; onto a
+    relative path: refused; onto our own map: replaced."""
+    foreign = tmp_path / "documents"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "important.txt").write_text("keep me")
+    (foreign / "sub" / "x.txt").write_text("and me")
+    response = harness.call(harness.save_map, SaveMap.Request(path=str(foreign)))
+    assert not response.success and "important.txt" in response.message and "not a" in response.message, \
+        response.message
+    assert (foreign / "important.txt").read_text() == "keep me" and (foreign / "sub" / "x.txt").read_text() == "and me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["important.txt", "sub"]
+    response = harness.call(harness.save_map, SaveMap.Request(path="relative/map"))
+    assert not response.success and "absolute" in response.message, response.message
+    ours = tmp_path / "map"
+    assert harness.call(harness.save_map, SaveMap.Request(path=str(ours))).success
+    response = harness.call(harness.save_map, SaveMap.Request(path=str(ours)))
+    assert response.success, response.message
+    assert harness.node.counters().get("map.save_refused", 0) >= 2
+
+
 def test_busy_matcher_drops_oldest_images(harness, stereo):
     info = camera_info(stereo["K_right"], stereo["right"])
     image = conv.numpy_to_image(stereo["right"], "rgb8")

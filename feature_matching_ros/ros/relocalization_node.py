@@ -32,6 +32,7 @@ core ImageError, unknown keyframe ids) is rejected, counted by kind (diagnostics
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -57,7 +58,7 @@ from feature_matching_ros.msg import Keyframe, LoopCandidates, LoopClosure, Matc
 from feature_matching_ros.relocalizer import LoopClosure as LoopRecord
 from feature_matching_ros.relocalizer import Relocalization
 from feature_matching_ros.retrieval.global_descriptors import CodebookError
-from feature_matching_ros.retrieval.persistence import MapFormatError
+from feature_matching_ros.retrieval.persistence import MapFormatError, MapTargetError
 from feature_matching_ros.ros import conversions as conv
 from feature_matching_ros.ros.parameters import PARAMETERS, ParameterSpec, preset_override
 from feature_matching_ros.srv import LoadMap, MatchImages, Relocalize, SaveMap
@@ -663,12 +664,25 @@ class RelocalizationNode(Node):
         return response
 
     def _on_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+        """Save the map to a directory; refuses (success=false + why) a relative path or a target holding
+        anything the node did not write, so no request can destroy data (persistence.check_save_target)."""
+        if not os.path.isabs(request.path):
+            response.success = False
+            response.message = (f"refused: {request.path!r} is not an absolute path (it would be resolved against "
+                                "the node's working directory, not the caller's)")
+            self._count("map.save_refused")
+            self.get_logger().error(response.message)
+            return response
         try:
             with self._engine_lock:
                 path = self.engine.save_map(request.path)
                 count = len(self.engine.database)
             response.success, response.message = True, f"saved {count} keyframes to {path}"
             self._count("map.saved")
+        except MapTargetError as error:
+            response.success, response.message = False, f"refused to save to {request.path!r}: {error}"
+            self._count("map.save_refused")
+            self.get_logger().error(response.message)
         except (OSError, ValueError, MapFormatError) as error:
             response.success, response.message = False, f"cannot save to {request.path!r}: {error}"
             self._count("map.save_failed")
