@@ -2,11 +2,13 @@
 
 Conventions: ``R, t`` map points from camera 0 to camera 1 (``X1 = R X0 + t``, i.e. T_1_0). Without depth
 the translation is a unit direction (scale unknown); with depth in either view it is metric (PnP).
-The 6x6 information matrix is ordered like ROS covariances, (tx, ty, tz, rx, ry, rz), for a small
-perturbation T_1_0 <- exp([v, w]) T_1_0 on the left. It is J^T J / sigma^2 of the inlier residuals
-(reprojection errors for PnP, Sampson errors for the essential matrix) with sigma their robust (MAD)
-scale, so tight, numerous inliers give a confident constraint. For the essential matrix the
-translation along t is unobservable (scale), and the information says so: zero along that direction.
+The 6x6 information matrix is the ENGINE convention of :mod:`feature_matching_ros.geometry.covariance`:
+ordered (tx, ty, tz, rx, ry, rz) for a small perturbation T_1_0 <- exp([v, w]) T_1_0 on the left.
+PnP: :func:`~feature_matching_ros.geometry.covariance.pnp_information`, each residual weighted by its
+modelled noise (keypoint localisation in both images, depth noise growing with z^2), never more confident
+than that model. Essential matrix: J^T J / sigma^2 of the Sampson errors, sigma their robust (MAD) scale
+with a 1 px floor; the translation along t is unobservable (scale), and the information says so: exactly
+zero along that direction.
 
 Failures are results, not exceptions: too few matches, too few inliers, a homography explaining the
 matches as well as the essential matrix (pure rotation or a single plane: the monocular pose is
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 
 from feature_matching_ros.config import PoseConfig
+from feature_matching_ros.geometry.covariance import PIXEL_SIGMA_FLOOR_PX, adjoint, pnp_information, skew
 
 
 @dataclass
@@ -61,8 +64,7 @@ def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
     return check_intrinsics(np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]))
 
 
-def _skew(v: np.ndarray) -> np.ndarray:
-    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+_skew = skew  # kept for callers of the private name
 
 
 def _exp_so3(w: np.ndarray) -> np.ndarray:
@@ -204,16 +206,13 @@ def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> 
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few PnP inliers: {int(inliers.sum())} < min_inliers={config.min_inliers}",
                             inliers=inliers, method="pnp")
-    obj, img = points3d[inliers], pts_2d_dst[inliers]
-    residuals = _reprojection_residuals(R, t, obj, img, K_dst)
-    jacobian = _numeric_jacobian(lambda d: _reprojection_residuals(*_perturb(R, t, d), obj, img, K_dst))
-    information = _information(jacobian, residuals, floor=0.1)
-    if invert:  # we solved T_0_1; the information must follow the inversion (adjoint of T_1_0)
+    information = pnp_information(R, t, points3d[inliers], pts_2d_dst[inliers], K_dst, K_source=K_src)
+    if invert:  # we solved T_0_1; the information must follow the inversion
         R, t = R.T, -R.T @ t
-        adjoint = np.zeros((6, 6))
-        adjoint[:3, :3], adjoint[:3, 3:], adjoint[3:, 3:] = R, _skew(t) @ R, R
-        # delta_01 = -Ad(T_0_1) delta_10 to first order; information transforms with that Jacobian.
-        jac = -np.linalg.inv(adjoint)
+        T_1_0 = np.eye(4)
+        T_1_0[:3, :3], T_1_0[:3, 3] = R, t
+        # exp(d_01) T_0_1 inverted is T_1_0 exp(-d_01) = exp(-Ad(T_1_0) d_01) T_1_0: d_10 = -Ad(T_1_0) d_01.
+        jac = -np.linalg.inv(adjoint(T_1_0))
         information = jac.T @ information @ jac
     return RelativePose(True, "ok", R, t, inliers, information, metric=True, method="pnp")
 
@@ -252,7 +251,7 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     r0, r1 = rays0[inliers], rays1[inliers]
     residuals = _sampson_residuals(R, t, r0, r1)
     jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
-    information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+    information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
     # Sampson residuals ignore the length of t: project that direction out explicitly for numerical hygiene.
     projector = np.eye(6)
     projector[:3, :3] -= np.outer(t, t)
