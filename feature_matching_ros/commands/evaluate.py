@@ -9,7 +9,8 @@ pose AUC, relocalization, latency, ATE before/after the pose graph; "skipped" sa
 evaluated and why), DIR/pr_curve.png, DIR/latency.png, DIR/trajectory_<preset>.png, the per-keyframe
 verdicts DIR/keyframes_<preset>.jsonl and TUM trajectories for evo (DIR/trajectory_gt.tum,
 DIR/trajectory_<preset>_odometry.tum before and DIR/trajectory_<preset>_optimised.tum after the pose graph:
-``evo_ape tum DIR/trajectory_gt.tum DIR/trajectory_cpu_optimised.tum -a``). The first preset is the reported one; --compare presets (default:
+``evo_ape tum DIR/trajectory_gt.tum DIR/trajectory_cpu_optimised.tum -a``).
+The first preset is the reported one; --compare presets (default:
 the orb_bow_nn baseline) run on the same frames and appear under "runs".
 """
 
