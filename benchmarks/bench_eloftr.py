@@ -53,7 +53,7 @@ def _median_ms(fn, repeat: int, device: torch.device) -> tuple[float, object]:
 
 
 # Detector-free pipelines still build a feature extractor (it serves retrieval in the engine); ORB with its
-# native descriptors loads no network, so the GPU machine needs no ALIKED weights for these rows.
+# native descriptors loads no network, so these rows need no ALIKED weights installed.
 _RETRIEVAL_ONLY = FeatureConfig(detector="orb", descriptor="native", resize_max=640)
 
 
@@ -138,7 +138,7 @@ def accuracy_rows(args) -> list[str]:
         start = time.perf_counter()
         try:
             pipeline = _pipeline(matcher, args.device, precision, features)
-        except WeightsError as error:  # the GPU machine carries no LightGlue weights
+        except WeightsError as error:  # a machine with only the Efficient LoFTR weights installed
             rows.append(f"| {name} | skipped: {error} | | | | | | | |")
             continue
         result = evaluate_combination(pipeline, pairs)

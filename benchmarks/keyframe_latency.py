@@ -1,7 +1,7 @@
 """Per-keyframe latency of the engine: extract + global descriptor + retrieve + match/verify 5 candidates.
 
     python benchmarks/keyframe_latency.py --preset cpu --device cpu [--bag /tmp/seq/office/bag] [--keyframes 40]
-    python benchmarks/keyframe_latency.py --preset orb_lightglue --device cuda   # GPU (via the device tool)
+    python benchmarks/keyframe_latency.py --preset orb_lightglue --device cuda   # on a CUDA GPU
 
 Frames: the bag's images if --bag is given, else scikit-image photos cycled with small crops (no ROS needed).
 The map is pre-filled with the first frames so every timed query has top_k candidates to verify

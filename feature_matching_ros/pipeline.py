@@ -47,7 +47,7 @@ def limit_host_threads_for_gpu(device: torch.device) -> None:
         return
     try:
         import faiss  # noqa: F401  (load the retrieval database's OpenMP runtime now, so the limit covers it)
-    except ImportError:  # matching alone needs no faiss (minimal GPU machines); retrieval imports it itself
+    except ImportError:  # matching alone needs no faiss (minimal installs); retrieval imports it itself
         pass
     from threadpoolctl import threadpool_limits
 

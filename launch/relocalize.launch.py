@@ -11,6 +11,8 @@ Arguments:
                pipeline.* / engine.* overrides or map_path
   namespace    namespace of the node and its relative topics
   device       auto | cpu | cuda; empty keeps the preset's value (sets pipeline.device)
+  image_qos    sensor_data | reliable; empty keeps the preset file's (reliable for a reliable camera publisher:
+               large images sent best effort are often lost)
   image, camera_info, depth, keyframes, loop_candidates   input topic remaps
   log_level    debug | info | warn | error
 """
@@ -43,6 +45,9 @@ def _node(context, *args, **kwargs):
     device = LaunchConfiguration("device").perform(context)
     if device:
         parameters.append({"pipeline.device": device})
+    image_qos = LaunchConfiguration("image_qos").perform(context)
+    if image_qos:
+        parameters.append({"image_qos": image_qos})
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPIC_ARGUMENTS]
     return [Node(
         package=PACKAGE,
@@ -65,6 +70,8 @@ def generate_launch_description() -> LaunchDescription:
                               description="Extra parameter file applied after the preset"),
         DeclareLaunchArgument("namespace", default_value="", description="Node namespace"),
         DeclareLaunchArgument("device", default_value="", description="auto | cpu | cuda (empty: preset's)"),
+        DeclareLaunchArgument("image_qos", default_value="",
+                              description="sensor_data | reliable (empty: the preset file's)"),
         DeclareLaunchArgument("image", default_value="image", description="Camera image topic"),
         DeclareLaunchArgument("camera_info", default_value="camera_info", description="Camera info topic"),
         DeclareLaunchArgument("depth", default_value="depth", description="Depth image topic (16UC1 mm / 32FC1 m)"),

@@ -71,6 +71,23 @@ def test_demo_runs_offline_on_the_cpu(small_sequence, tmp_path, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["skipped"] == {} and "ate_before" in metrics["trajectory"]
     assert (report / "trajectory_orb_bow_nn.png").is_file()
+    # TUM trajectories (evo's format) read back: one pose per keyframe, stamps of the keyframes, and the same
+    # ATE as metrics.json when aligned the same way
+    from feature_matching_ros.eval.metrics import absolute_trajectory_error
+    from feature_matching_ros.eval.report import read_tum
+
+    assert metrics["trajectory"]["tum"] == {"gt": "trajectory_gt.tum", "odometry": "trajectory_orb_bow_nn_odometry.tum",
+                                            "optimised": "trajectory_orb_bow_nn_optimised.tum"}
+    stamps_gt, gt = read_tum(report / "trajectory_gt.tum")
+    keyframes = [json.loads(line) for line in (report / "keyframes_orb_bow_nn.jsonl").read_text().splitlines()]
+    assert np.allclose(stamps_gt, [k["stamp_ns"] * 1e-9 for k in keyframes], atol=1e-9)
+    assert np.all(np.diff(stamps_gt) > 0)
+    for kind, key in (("odometry", "ate_before"), ("optimised", "ate_after")):
+        stamps, poses = read_tum(report / f"trajectory_orb_bow_nn_{kind}.tum")
+        assert np.array_equal(stamps, stamps_gt) and poses.shape == gt.shape
+        assert np.allclose(np.einsum("nij,nkj->nik", poses[:, :3, :3], poses[:, :3, :3]), np.eye(3), atol=1e-6)
+        ate = absolute_trajectory_error(poses, gt, metrics["trajectory"][key]["alignment"] == "sim3")
+        assert ate["rmse"] == pytest.approx(metrics["trajectory"][key]["rmse"], rel=1e-4, abs=1e-6)
 
 
 def _frame(index: int, x: float, depth: np.ndarray | None, K: np.ndarray) -> EvalFrame:

@@ -90,7 +90,7 @@ def test_launch_arguments_and_presets():
     constants = _constants(tree)
     for topic in constants["TOPIC_ARGUMENTS"]:
         assert topic in arguments
-    node_source = (REPO / "feature_matching_ros" / "ros" / "relocalization_node.py").read_text()
+    node_source = "".join(path.read_text() for path in (REPO / "feature_matching_ros" / "ros").glob("*.py"))
     for topic in constants["TOPIC_ARGUMENTS"]:  # remapped names must be topics the node uses
         assert f'"{topic}"' in node_source, f"the node has no topic {topic!r} to remap"
     # parameters set by dict literals in the launch file (e.g. {"device": device}) must be declared
@@ -142,13 +142,20 @@ def test_launch_with_launch_ros(tmp_path):
     launch_ros = pytest.importorskip("launch_ros", reason="launch_ros is not installed (not on PyPI; ROS 2 only)")
     import launch
     import rclpy
-    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    ament_packages = pytest.importorskip("ament_index_python.packages",
+                                         reason="ament_index_python is not installed (ROS 2 only)")
 
+    if not os.environ.get("AMENT_PREFIX_PATH"):
+        pytest.skip("feature_matching_ros is not indexed by ament: AMENT_PREFIX_PATH is not set (source the "
+                    "workspace's install/setup.bash, or export AMENT_PREFIX_PATH=<prefix>)")
     try:
-        share = get_package_share_directory("feature_matching_ros")
-    except PackageNotFoundError:
-        pytest.skip("feature_matching_ros is not installed in an ament prefix (colcon build / build_interfaces.sh; "
-                    "AMENT_PREFIX_PATH)")
+        share = ament_packages.get_package_share_directory("feature_matching_ros")
+    except (ament_packages.PackageNotFoundError, LookupError, OSError) as error:
+        pytest.skip(f"feature_matching_ros is not indexed by ament under AMENT_PREFIX_PATH ({error}; colcon build, "
+                    "or scripts/build_interfaces.sh)")
+    if not os.path.isfile(os.path.join(share, "launch", "relocalize.launch.py")):
+        pytest.skip(f"the launch file is not installed in {share} (pip install -e . installs no data files; "
+                    "colcon build or pip install . does)")
     import random
     import threading
 
@@ -196,3 +203,48 @@ def test_launch_with_launch_ros(tmp_path):
     assert "error" not in outcome, outcome["error"]
     assert outcome["response"].success, outcome["response"].message
     assert launch_ros is not None
+
+
+# Third-party modules the package imports at run time -> the rosdep key package.xml must list for each.
+RUNTIME_IMPORTS = {"numpy": "python3-numpy", "scipy": "python3-scipy", "cv2": "python3-opencv", "yaml": "python3-yaml",
+                   "torch": "python3-torch", "kornia": "python3-kornia-pip", "safetensors": "python3-safetensors-pip",
+                   "faiss": "python3-faiss", "threadpoolctl": "python3-threadpoolctl-pip", "skimage": "python3-skimage",
+                   "rosbags": "python3-rosbags-pip", "matplotlib": "python3-matplotlib", "gtsam": "python3-gtsam-pip",
+                   "rclpy": "rclpy", "message_filters": "message_filters", "rcl_interfaces": "rcl_interfaces",
+                   "builtin_interfaces": "builtin_interfaces", "std_msgs": "std_msgs", "sensor_msgs": "sensor_msgs",
+                   "geometry_msgs": "geometry_msgs", "diagnostic_msgs": "diagnostic_msgs",
+                   "visualization_msgs": "visualization_msgs", "ament_index_python": "ament_index_python"}
+# Imported only by training / data preparation (not needed to run the node or fmr evaluate), or test-only.
+NOT_RUNTIME = {"h5py", "transformers", "mcap", "pycolmap", "pytest", "tqdm"}  # tqdm: optional progress bars
+# Keys defined by ros/rosdistro rosdep/{base,python}.yaml (checked there) or by ROS packages themselves.
+ROSDISTRO_KEYS = {"python3-numpy", "python3-scipy", "python3-opencv", "python3-yaml", "python3-torch",
+                  "python3-kornia-pip", "python3-faiss", "python3-skimage", "python3-rosbags-pip",
+                  "python3-matplotlib", "python3-pytest", "python3-catkin-pkg"}
+
+
+def test_package_xml_lists_every_runtime_dependency_with_a_resolvable_rosdep_key():
+    catkin_package = pytest.importorskip("catkin_pkg.package", reason="catkin_pkg is not installed")
+    package = catkin_package.parse_package(str(REPO / "package.xml"))
+    package.validate()  # catkin_pkg's own checks (format 3, maintainers, licenses)
+    exec_keys = {d.name for d in package.exec_depends + package.build_export_depends}
+    imported = set()
+    for path in (REPO / "feature_matching_ros").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    import sys
+
+    third_party = {name for name in imported if name not in sys.stdlib_module_names
+                   and name not in ("feature_matching_ros", "__future__")}
+    unknown = third_party - set(RUNTIME_IMPORTS) - NOT_RUNTIME
+    assert not unknown, f"imports without a rosdep key in this test's table: {sorted(unknown)}"
+    missing = {RUNTIME_IMPORTS[name] for name in third_party & set(RUNTIME_IMPORTS)} - exec_keys
+    assert not missing, f"package.xml lacks exec_depend for {sorted(missing)}"
+    own_keys = set(yaml.safe_load((REPO / "rosdep" / "python.yaml").read_text()))
+    python_keys = {key for key in exec_keys | {d.name for d in package.test_depends} if key.startswith("python3-")}
+    unresolvable = python_keys - ROSDISTRO_KEYS - own_keys
+    assert not unresolvable, f"rosdep keys neither in rosdistro nor in rosdep/python.yaml: {sorted(unresolvable)}"
+    for key in own_keys:
+        assert key.endswith("-pip") and key not in ROSDISTRO_KEYS

@@ -24,7 +24,7 @@ pytest.importorskip("rosbags", reason="rosbags is not installed")
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["engine.retrieval.exclude_recent_seconds=1.0", "engine.retrieval.exclude_recent_count=10",
              "engine.min_inliers=15", "engine.odometry_gate=false", "engine.temporal_consistency=1",
-             "pipeline.features.max_keypoints=256", "keyframe_queue_size=64"]
+             "pipeline.features.max_keypoints=256"]
 
 
 def _fmr(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:

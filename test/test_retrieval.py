@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ from feature_matching_ros.retrieval import (Keyframe, KeyframeDatabase, MapForma
                                             load_map, save_map)
 from feature_matching_ros.retrieval.global_descriptors import (bow_l1_score, load_codebook, save_codebook,  # noqa: E402
                                                                train_binary_vocabulary, train_vlad_codebook)
-from feature_matching_ros.retrieval.persistence import check_compatible  # noqa: E402
+from feature_matching_ros.retrieval.persistence import MapTargetError, check_compatible, check_save_target  # noqa: E402
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
 K = np.array([[300.0, 0, 160], [0, 300.0, 120], [0, 0, 1]])
@@ -243,3 +244,45 @@ def test_save_replaces_existing_map_atomically(saved_map, orb_features, vocabula
     assert len(loaded) == 1
     assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
     shutil.rmtree(directory)
+
+
+def test_save_refuses_a_directory_it_did_not_write(saved_map, tmp_path):
+    """SaveMap must never delete the user's data: a foreign directory, a file, or a map with files added."""
+    database, _ = saved_map
+    foreign = tmp_path / "documents"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "important.txt").write_text("keep me")
+    (foreign / "sub" / "x.txt").write_text("and me")
+    with pytest.raises(MapTargetError, match="not a feature_matching_ros.map map.*important.txt"):
+        save_map(database, foreign, vars(FEATURES), {})
+    assert (foreign / "important.txt").read_text() == "keep me" and (foreign / "sub" / "x.txt").read_text() == "and me"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("a file")
+    with pytest.raises(MapTargetError, match="is a file"):
+        save_map(database, a_file, vars(FEATURES), {})
+    assert a_file.read_text() == "a file"
+    _, directory = saved_map
+    (directory / "my_notes.md").write_text("added by the user")
+    with pytest.raises(MapTargetError, match="other files added.*my_notes.md"):
+        save_map(database, directory, vars(FEATURES), {})
+    assert (directory / "my_notes.md").is_file() and load_map(directory)[0].keyframes[0].id == database.keyframes[0].id
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # refused before writing anything
+
+
+def test_save_into_an_empty_directory_and_the_manifest_marks_the_map(saved_map, tmp_path):
+    database, _ = saved_map
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_map(database, empty, vars(FEATURES), {})
+    manifest = json.loads((empty / "manifest.json").read_text())
+    assert manifest["format"] == "feature_matching_ros.map"
+    assert check_save_target(empty) is True  # ours: may be replaced
+    assert sorted(p.name for p in empty.iterdir()) == sorted(["manifest.json", *manifest["files"]])
+    assert oct(empty.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # like a directory the user made
+    assert check_save_target(tmp_path / "new" / "map") is False
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -35,15 +35,19 @@ except ImportError as error:  # pragma: no cover - depends on the build
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed")
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from rcl_interfaces.msg import ParameterType  # noqa: E402
+from rcl_interfaces.srv import GetParameters  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from feature_matching_ros.ros import conversions as conv  # noqa: E402
+from feature_matching_ros.ros.parameters import PARAMETERS, effective_values, preset_override  # noqa: E402
 from feature_matching_ros.ros.relocalization_node import ParameterError, RelocalizationNode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +58,8 @@ FOCAL, CX, CY, DOFFS, BASELINE_M = 994.978, 311.193, 254.877, 31.086, 0.193001
 FAST_PARAMETERS = {"preset": "cpu", "pipeline.features.max_keypoints": 256, "pipeline.features.resize_max": 320,
                    "engine.min_inliers": 20, "engine.temporal_consistency": 1, "engine.retrieval.exclude_recent_count": 0,
                    "engine.retrieval.exclude_recent_seconds": 5.0, "image_queue_size": 1, "publish_rejected": True,
-                   "diagnostics_period_s": 0.2, "log_throttle_s": 0.0}
+                   "diagnostics_period_s": 0.2, "diagnostics_window_s": 2.0, "log_throttle_s": 0.0,
+                   "markers_period_s": 0.2}
 
 
 # ---------------------------------------------------------------------------------------------- ground truth
@@ -137,23 +142,28 @@ class Harness:
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
         self.received: dict[str, list] = {"loop_closures": [], "rejected": [], "matches": [],
-                                          "relocalization_pose": [], "diagnostics": [], "debug": []}
+                                          "relocalization_pose": [], "diagnostics": [], "debug": [], "markers": []}
         self._lock = threading.Lock()
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         for topic, kind, key in (("loop_closures", LoopClosure, "loop_closures"),
                                  ("loop_closures/rejected", LoopClosure, "rejected"), ("matches", Matches, "matches"),
                                  ("relocalization_pose", PoseWithCovarianceStamped, "relocalization_pose"),
                                  ("/diagnostics", DiagnosticArray, "diagnostics"),
-                                 ("debug/matches_image", Image, "debug")):
+                                 ("debug/matches_image", Image, "debug"), ("markers", MarkerArray, "markers")):
             self.client.create_subscription(kind, topic, lambda msg, key=key: self._store(key, msg), reliable)
         self.keyframes = self.client.create_publisher(Keyframe, "keyframes", reliable)
         self.candidates = self.client.create_publisher(LoopCandidates, "loop_candidates", reliable)
-        self.image = self.client.create_publisher(Image, "image", qos_profile_sensor_data)
-        self.camera_info = self.client.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+        self.image = self.client.create_publisher(Image, "image", qos_profile_sensor_data
+                                                  if parameters.get("image_qos", "sensor_data") == "sensor_data"
+                                                  else reliable)
+        self.camera_info = self.client.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data
+                                                        if parameters.get("image_qos", "sensor_data") == "sensor_data"
+                                                        else reliable)
         self.match_images = self.client.create_client(MatchImages, "match_images")
         self.relocalize = self.client.create_client(Relocalize, "relocalize")
         self.save_map = self.client.create_client(SaveMap, "save_map")
         self.load_map = self.client.create_client(LoadMap, "load_map")
+        self.get_parameters = self.client.create_client(GetParameters, "relocalization_node/get_parameters")
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
         self.wait_for(lambda: self.keyframes.get_subscription_count() > 0
@@ -346,6 +356,74 @@ def test_relocalize_service_composes_map_pose(harness, stereo):
     _check_pose(response, T_map_left if response.keyframe_id == 10 else np.eye(4))
 
 
+def _position_sigma(response) -> np.ndarray:
+    return np.sqrt(np.diag(np.asarray(response.pose.pose.covariance).reshape(6, 6))[:3])
+
+
+def test_relocalization_100m_from_the_origin_reports_the_same_sigma(harness, stereo):
+    """The map's posed keyframes moved rigidly 100 m away (backend pose updates): the same image relocalizes to
+    the moved pose with the same position sigma (ROS convention: position in the map frame, rotation about the
+    fixed map axes), not one grown by 100 m x the rotation uncertainty."""
+    near = harness.call(harness.relocalize, _relocalize_request(stereo))
+    assert near.success, near.reason
+    posed = {k.id: k.T_map_camera.copy() for k in harness.node.engine.database.keyframes if k.T_map_camera is not None}
+    shift = np.eye(4)
+    shift[:3, :3] = Rotation.from_euler("z", 40, degrees=True).as_matrix()
+    shift[:3, 3] = [100.0, 0.0, 0.0]
+    try:
+        for keyframe_id, T in posed.items():
+            harness.keyframes.publish(keyframe_msg(keyframe_id, stereo["left"], stereo["K_left"], None, shift @ T))
+        harness.wait_for(lambda: all(np.allclose(harness.node.engine.database.get(i).T_map_camera, shift @ T)
+                                     for i, T in posed.items()), 10.0, "keyframes moved 100 m")
+        far = harness.call(harness.relocalize, _relocalize_request(stereo))
+        assert far.success, far.reason
+        assert far.keyframe_id == near.keyframe_id
+        moved = shift @ conv.pose_to_matrix(near.pose.pose.pose)
+        assert np.linalg.norm(conv.pose_to_matrix(far.pose.pose.pose)[:3, 3] - moved[:3, 3]) < 0.02
+        sigma_near, sigma_far = _position_sigma(near), _position_sigma(far)
+        assert np.allclose(np.sort(sigma_near), np.sort(sigma_far), rtol=0.05), (sigma_near, sigma_far)
+        assert sigma_far.max() < 0.05, sigma_far  # centimetres, not the ~1 m the adjoint-transported form gave
+    finally:
+        for keyframe_id, T in posed.items():
+            harness.keyframes.publish(keyframe_msg(keyframe_id, stereo["left"], stereo["K_left"], None, T))
+        harness.wait_for(lambda: all(np.allclose(harness.node.engine.database.get(i).T_map_camera, T)
+                                     for i, T in posed.items()), 10.0, "keyframes restored")
+
+
+def test_every_parameter_carries_its_effective_value(harness):
+    """GetParameters over DDS: every pipeline.* / engine.* parameter has a value, the preset's resolved value or
+    the override the node was started with."""
+    names = [spec.name for spec in PARAMETERS if spec.override_key is not None]
+    response = harness.call(harness.get_parameters, GetParameters.Request(names=names))
+    assert len(response.values) == len(names)
+    unset = [name for name, value in zip(names, response.values) if value.type == ParameterType.PARAMETER_NOT_SET]
+    assert not unset, f"parameters without a value: {unset}"
+    fields = {ParameterType.PARAMETER_BOOL: "bool_value", ParameterType.PARAMETER_INTEGER: "integer_value",
+              ParameterType.PARAMETER_DOUBLE: "double_value", ParameterType.PARAMETER_STRING: "string_value"}
+    got = {name: getattr(value, fields[value.type]) for name, value in zip(names, response.values)}
+    preset = effective_values("cpu")
+    expected = effective_values("cpu", preset_override({**preset, **{k: v for k, v in FAST_PARAMETERS.items()
+                                                                      if k in preset}}, preset))
+    assert got == expected
+    assert got["pipeline.features.max_keypoints"] == 256 and got["engine.min_inliers"] == 20  # the overrides
+    assert got["pipeline.matcher.name"] == "lightglue" and got["engine.retrieval.top_k"] == 3  # the preset's
+
+
+def test_markers_show_keyframes_and_accepted_loops(harness):
+    posed = {k.id for k in harness.node.engine.database.keyframes if k.T_map_camera is not None}
+
+    def complete():
+        for array in reversed(harness.messages("markers")):
+            keyframes = next(m for m in array.markers if m.ns == "keyframes")
+            if len(keyframes.points) == len(posed):
+                return array
+        return None
+    array = harness.wait_for(complete, 10.0, "markers of every posed keyframe")
+    assert array.markers[0].action == 3  # DELETEALL first
+    loops = next(m for m in array.markers if m.ns == "loops")
+    assert loops.header.frame_id == "map" and len(loops.points) % 2 == 0
+
+
 def test_image_topic_publishes_relocalization_pose(harness, stereo):
     info = camera_info(stereo["K_right"], stereo["right"])
     image = conv.numpy_to_image(stereo["right"], "rgb8")
@@ -415,6 +493,27 @@ def test_malformed_inputs_are_counted_not_fatal(harness, stereo):
     assert values["preset"] == "cpu" and int(values["map_keyframes"]) >= 4
 
 
+def _status(array: DiagnosticArray, concern: str) -> DiagnosticStatus:
+    return next(status for status in array.status if status.name.endswith(f": {concern}"))
+
+
+def _level(status: DiagnosticStatus) -> int:
+    return status.level[0] if isinstance(status.level, bytes) else int(status.level)
+
+
+def _wait_status(harness: Harness, concern: str, level: int, timeout: float = 10.0) -> DiagnosticStatus:
+    """The first diagnostics status of ``concern`` at ``level`` published after this call."""
+    start = len(harness.messages("diagnostics"))
+
+    def found():
+        for array in harness.messages("diagnostics")[start:]:
+            status = _status(array, concern)
+            if _level(status) == level:
+                return status
+        return None
+    return harness.wait_for(found, timeout, f"diagnostics {concern} at level {level}")
+
+
 def _map_ids(node: RelocalizationNode) -> set[int]:
     return {k.id for k in node.engine.database.keyframes}
 
@@ -440,6 +539,14 @@ def test_save_load_map_and_restart(harness, ros_context, stereo, tmp_path):
     response = harness.call(harness.load_map, LoadMap.Request(path=str(corrupt)))
     assert not response.success and victim.name in response.message, response.message
     assert _map_ids(harness.node) == saved_ids and harness.node.counters()["map.load_failed"] == failed_before + 1
+    # diagnostics: the failed load is an ERROR now, and a successful load returns the map status to OK at once
+    status = _wait_status(harness, "map", 2)
+    assert "previous map stays" in status.message, status.message
+    assert harness.call(harness.load_map, LoadMap.Request(path=str(path))).success
+    status = _wait_status(harness, "map", 0)
+    assert status.message.endswith("keyframes"), status.message
+    summary = _wait_status(harness, "relocalization", 0)  # every concern back to OK once the window passed
+    assert "keyframes in the map" in summary.message
 
     restarted = Harness(ros_context, {**FAST_PARAMETERS, "map_path": str(path)}, namespace="restarted")
     try:
@@ -465,6 +572,27 @@ def test_save_load_map_and_restart(harness, ros_context, stereo, tmp_path):
         RelocalizationNode(context=ros_context, parameter_overrides=[Parameter(k, value=v) for k, v in {
             **FAST_PARAMETERS, "map_path": str(corrupt), "map_load_failure": "stop"}.items()])
     assert str(corrupt) in str(error.value) and "map_load_failure=stop" in str(error.value)
+
+
+def test_save_map_never_overwrites_what_it_did_not_write(harness, tmp_path):
+    """SaveMap onto a directory holding the user's files: refused with the reason, every file intact; onto a
+    relative path: refused; onto our own map: replaced."""
+    foreign = tmp_path / "documents"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "important.txt").write_text("keep me")
+    (foreign / "sub" / "x.txt").write_text("and me")
+    response = harness.call(harness.save_map, SaveMap.Request(path=str(foreign)))
+    assert not response.success and "important.txt" in response.message and "not a" in response.message, \
+        response.message
+    assert (foreign / "important.txt").read_text() == "keep me" and (foreign / "sub" / "x.txt").read_text() == "and me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["important.txt", "sub"]
+    response = harness.call(harness.save_map, SaveMap.Request(path="relative/map"))
+    assert not response.success and "absolute" in response.message, response.message
+    ours = tmp_path / "map"
+    assert harness.call(harness.save_map, SaveMap.Request(path=str(ours))).success
+    response = harness.call(harness.save_map, SaveMap.Request(path=str(ours)))
+    assert response.success, response.message
+    assert harness.node.counters().get("map.save_refused", 0) >= 2
 
 
 def test_busy_matcher_drops_oldest_images(harness, stereo):
@@ -523,3 +651,93 @@ def test_eloftr_preset_closes_a_metric_loop_over_dds(ros_context, stereo):
         assert rotation_error_deg(T[:3, :3]) < 1.0
     finally:
         harness.close()
+
+
+# ---------------------------------------------------------------------------------------------- a second node
+AUX_PARAMETERS = {"preset": "orb_bow_nn", "pipeline.features.max_keypoints": 256, "pipeline.features.resize_max": 320,
+                  "engine.min_inliers": 20, "engine.temporal_consistency": 1,
+                  "engine.retrieval.exclude_recent_count": 0, "image_qos": "reliable", "distorted_images": "reject",
+                  "image_stall_warn_s": 0.5, "keyframe_backlog_warn": 5, "diagnostics_period_s": 0.2,
+                  "diagnostics_window_s": 2.0, "log_throttle_s": 0.0}
+
+
+@pytest.fixture(scope="module")
+def aux(ros_context):
+    h = Harness(ros_context, AUX_PARAMETERS, namespace="aux")
+    yield h
+    h.close()
+
+
+def test_keyframes_are_never_dropped(aux, stereo):
+    """A burst of keyframes far faster than the matcher: every one is processed, in order (backlog, no drops)."""
+    ids = list(range(100, 130))
+    for offset, keyframe_id in enumerate(ids):
+        image = np.roll(stereo["left"], 3 * offset, axis=1)
+        aux.keyframes.publish(keyframe_msg(keyframe_id, image, stereo["K_left"], None, None, 1000.0 + offset))
+    aux.wait_in_map(*ids, timeout=120.0)
+    counters = aux.node.counters()
+    assert counters["keyframes_processed"] >= len(ids) and not any(k.startswith("dropped.key") for k in counters)
+    order = [k.id for k in aux.node.engine.database.keyframes if k.id in ids]
+    assert order == ids
+
+
+def test_distorted_images_are_refused_when_asked(aux, stereo):
+    msg = keyframe_msg(200, stereo["left"], stereo["K_left"], None, np.eye(4))
+    msg.camera_info.d = [-0.2, 0.05, 0.0, 0.0, 0.0]
+    before = aux.node.counters().get("rejected.distorted_image", 0)
+    aux.keyframes.publish(msg)
+    aux.wait_for(lambda: aux.node.counters().get("rejected.distorted_image", 0) > before, 10.0, "distorted refused")
+    assert not aux.in_map(200)
+
+
+def test_reliable_image_qos_and_the_stalled_image_warning(aux, stereo):
+    """image_qos=reliable: a best-effort image publisher is reported as incompatible; camera_info arriving while
+    images do not raises the stall warning in the counters and the inputs diagnostics; reliable images arrive."""
+    best_effort = aux.client.create_publisher(Image, "image", qos_profile_sensor_data)
+    aux.wait_for(lambda: aux.node.counters().get("images.incompatible_qos", 0) > 0, 10.0, "incompatible QoS event")
+    aux.client.destroy_publisher(best_effort)
+    info = camera_info(stereo["K_right"], stereo["right"])
+
+    def stalled():
+        aux.camera_info.publish(info)
+        time.sleep(0.1)
+        return aux.node.counters().get("images.stalled", 0) > 0
+    aux.wait_for(stalled, 10.0, "stalled image warning")
+    status = _wait_status(aux, "inputs", 1)
+    assert "image_qos" in status.message, status.message
+    image = conv.numpy_to_image(stereo["right"], "rgb8")
+    before = aux.node.counters().get("images_received", 0)
+    aux.wait_for(lambda: (aux.camera_info.publish(info), aux.image.publish(image), time.sleep(0.1),
+                          aux.node.counters().get("images_received", 0) > before)[-1], 10.0, "reliable images")
+
+
+def test_images_are_time_synchronised_with_message_filters(ros_context, stereo):
+    """On a ROS install, image + camera_info + depth are paired by stamp with ApproximateTimeSynchronizer."""
+    pytest.importorskip("message_filters", reason="message_filters not installed (ROS distro package)")
+    parameters = {**AUX_PARAMETERS, "image_qos": "sensor_data", "subscribe_depth": True, "depth_max_age_s": 0.02}
+    h = Harness(ros_context, parameters, namespace="synced")
+    try:
+        assert h.node.camera.synchroniser == "message_filters"
+        depth_pub = h.client.create_publisher(Image, "depth", qos_profile_sensor_data)
+        info = camera_info(stereo["K_left"], stereo["left"])
+        image = conv.numpy_to_image(stereo["left"], "rgb8")
+        depth = conv.numpy_to_image(np.round(stereo["depth_left"] * 1000).astype(np.uint16), "16UC1")
+
+        def publish(depth_offset_s: float) -> None:
+            now = h.client.get_clock().now()
+            for msg in (image, info):
+                msg.header.stamp = now.to_msg()
+            depth.header.stamp = (now + rclpy.duration.Duration(seconds=depth_offset_s)).to_msg()
+            depth_pub.publish(depth)
+            h.camera_info.publish(info)
+            h.image.publish(image)
+            time.sleep(0.1)
+        h.wait_for(lambda: (publish(0.0), h.node.counters().get("images_processed", 0) > 0)[-1], 20.0,
+                   "a synchronised set processed")
+        processed = h.node.counters()["images_processed"]
+        for _ in range(5):
+            publish(0.5)  # depth 0.5 s off: outside the slop, never paired
+        time.sleep(1.0)
+        assert h.node.counters()["images_processed"] == processed
+    finally:
+        h.close()

@@ -6,8 +6,11 @@
 
 Writes DIR/metrics.json (loop.precision, loop.recall, loop.false_positives, loop.max_recall_at_100_precision,
 pose AUC, relocalization, latency, ATE before/after the pose graph; "skipped" says what could not be
-evaluated and why), DIR/pr_curve.png, DIR/latency.png, DIR/trajectory_<preset>.png and the per-keyframe
-verdicts DIR/keyframes_<preset>.jsonl. The first preset is the reported one; --compare presets (default:
+evaluated and why), DIR/pr_curve.png, DIR/latency.png, DIR/trajectory_<preset>.png, the per-keyframe
+verdicts DIR/keyframes_<preset>.jsonl and TUM trajectories for evo (DIR/trajectory_gt.tum,
+DIR/trajectory_<preset>_odometry.tum before and DIR/trajectory_<preset>_optimised.tum after the pose graph:
+``evo_ape tum DIR/trajectory_gt.tum DIR/trajectory_cpu_optimised.tum -a``).
+The first preset is the reported one; --compare presets (default:
 the orb_bow_nn baseline) run on the same frames and appear under "runs".
 """
 

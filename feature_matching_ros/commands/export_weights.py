@@ -1,5 +1,5 @@
 """``fmr export-weights DIR [--int8]``: fp16 (or int8) safetensors copies of the official weights, for machines
-without the carrier packages (use with FMR_WEIGHTS_DIR), e.g. the GPU lease with its 64 MiB limit."""
+without the carrier packages (use with FMR_WEIGHTS_DIR), e.g. a training host with another Python version."""
 
 from __future__ import annotations
 

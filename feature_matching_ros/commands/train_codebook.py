@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
                  "descriptors": int(sum(len(d) for d in descriptor_sets))},
         "parameters": parameters,
         "time_s": {"extract": round(extract_s, 1), "train": round(time.perf_counter() - start, 1)},
-        "command": "fmr train-codebook " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                    if k not in ("func", "command", "verbose")),
+        "command": _reproducible_command(args),
     }
     sha = save_codebook(codebook, args.out, card)
     card["sha256"] = sha
@@ -155,3 +154,25 @@ def run(args: argparse.Namespace) -> int:
     LOG.info("wrote %s (dim %d, sha256 %s)", args.out, codebook.dim, sha)
     print(args.out)
     return 0
+
+
+def _portable(value: object) -> str:
+    """A path inside the working directory as a relative path, so a card's command runs from any checkout."""
+    if isinstance(value, Path):
+        try:
+            return str(value.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(value)
+    return str(value)
+
+
+def _reproducible_command(args: argparse.Namespace) -> str:
+    """The ``fmr train-codebook`` call that reproduces this run (lists space-separated, empty lists left out)."""
+    parts = ["fmr train-codebook"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "verbose"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if values:
+            parts.append(f"--{key.replace('_', '-')} " + " ".join(_portable(v) for v in values))
+    return " ".join(parts)

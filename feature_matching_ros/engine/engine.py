@@ -40,7 +40,8 @@ from feature_matching_ros.engine.records import KeyframeResult, LoopClosure, Rel
 from feature_matching_ros.engine.verification import verify_pair
 from feature_matching_ros.features.base import Features
 from feature_matching_ros.geometry.pose import check_intrinsics
-from feature_matching_ros.geometry.se3 import adjoint, inverse, rotation_angle_deg
+from feature_matching_ros.geometry.covariance import relocalization_covariance
+from feature_matching_ros.geometry.se3 import inverse, rotation_angle_deg
 from feature_matching_ros.image import gray_uint8
 from feature_matching_ros.matchers.base import Correspondences, View
 from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase
@@ -442,10 +443,8 @@ class LoopClosureEngine:
         best = accepted[0]
         T_map_match = self.database.get(best.match_id).T_map_camera
         T_map_query = T_map_match @ best.T_match_query
-        covariance_match = _safe_inverse(best.information)
-        ad = adjoint(T_map_match)
-        covariance = ad @ covariance_match @ ad.T
-        return Relocalization(True, "ok", T_map_query, 0.5 * (covariance + covariance.T), best.match_id,
+        covariance = relocalization_covariance(T_map_match, best.T_match_query, best.information)
+        return Relocalization(True, "ok", T_map_query, covariance, best.match_id,
                               best.num_matches, best.num_inliers, loops, timing)
 
     # -------------------------------------------------------------------- persistence
@@ -484,13 +483,6 @@ class LoopClosureEngine:
             previous = keyframe.T_map_camera
         self._next_id = max((k.id for k in database.keyframes), default=-1) + 1
         return manifest
-
-
-def _safe_inverse(information: np.ndarray) -> np.ndarray:
-    """Covariance from information; unobservable directions get a huge variance instead of inf."""
-    eigenvalues, vectors = np.linalg.eigh(0.5 * (information + information.T))
-    inverse = np.where(eigenvalues > 1e-9 * max(eigenvalues.max(), 1e-12), 1.0 / np.maximum(eigenvalues, 1e-300), 1e6)
-    return (vectors * inverse) @ vectors.T
 
 
 def build_engine(preset: str, override: dict[str, Any] | None = None, device: str | None = None

@@ -98,7 +98,7 @@ class Relocalization:
     success: bool
     reason: str
     T_map_camera: np.ndarray | None = None
-    covariance: np.ndarray | None = None  # 6x6 (tx,ty,tz,rx,ry,rz), left perturbation in the map frame
+    covariance: np.ndarray | None = None  # 6x6, ROS PoseWithCovariance convention (geometry/covariance.py)
     match_id: int | None = None
     num_matches: int = 0
     num_inliers: int = 0

@@ -30,9 +30,11 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
         return RelativePose(False, f"too few matches: {len(correspondences)} < min_matches={config.min_matches}",
                             inliers=np.zeros(len(correspondences), bool))
     if _has_depth(depth_match):
-        pose = pose_from_points3d(backproject(match_pixels, depth_match, K_match), query_pixels, K_query, config)
+        pose = pose_from_points3d(backproject(match_pixels, depth_match, K_match), query_pixels, K_query, config,
+                                  K_source=K_match)
         if pose.success or not _has_depth(depth_query):
             return invert_relative_pose(pose)
     if _has_depth(depth_query):
-        return pose_from_points3d(backproject(query_pixels, depth_query, K_query), match_pixels, K_match, config)
+        return pose_from_points3d(backproject(query_pixels, depth_query, K_query), match_pixels, K_match, config,
+                                  K_source=K_query)
     return estimate_relative_pose(query_pixels, match_pixels, K_query, K_match, config)

@@ -3,9 +3,9 @@
 Shows the backend's job end to end in ``fmr evaluate``: odometry between-factors from consecutive
 keyframes, loop between-factors from accepted LoopClosures with their information matrices.
 GTSAM's BetweenFactor<Pose3> measures error as Logmap(measured^-1 * X_m^-1 * X_q): a RIGHT perturbation
-ordered (rx, ry, rz, tx, ty, tz). The engine's information is for a LEFT perturbation ordered
-(tx, ty, tz, rx, ry, rz); since T exp(d_r) = exp(Ad_T d_r) T, info_right = Ad_T^T info_left Ad_T, then the
-blocks are swapped. Loops without metric scale (monocular essential matrix) carry no translation
+ordered (rx, ry, rz, tx, ty, tz); the engine's information is converted by
+:func:`feature_matching_ros.geometry.covariance.gtsam_information_from_left` (the conventions module).
+Loops without metric scale (monocular essential matrix) carry no translation
 magnitude and are left out of this metric graph (counted in the report).
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from feature_matching_ros.geometry.covariance import gtsam_information_from_left
 from feature_matching_ros.engine.records import LoopClosure
-from feature_matching_ros.geometry.se3 import adjoint
 
 
 @dataclass
@@ -30,11 +30,7 @@ class OdometryNoiseModel:
 
 
 def _to_gtsam_information(information_left: np.ndarray, T: np.ndarray) -> np.ndarray:
-    ad = adjoint(T)
-    right = ad.T @ information_left @ ad
-    order = [3, 4, 5, 0, 1, 2]
-    right = right[np.ix_(order, order)]
-    right = 0.5 * (right + right.T)
+    right = gtsam_information_from_left(information_left, T)
     # Numerical floor: a tiny isotropic information keeps GTSAM's Cholesky defined.
     return right + np.eye(6) * max(np.trace(right), 1.0) * 1e-9
 

@@ -1,4 +1,10 @@
-"""Plots and metrics.json for ``fmr evaluate`` (matplotlib, Agg backend: no display needed)."""
+"""Plots, metrics.json and TUM trajectories for ``fmr evaluate`` (matplotlib, Agg backend: no display needed).
+
+Trajectories are also written in the TUM format that evo and the TUM/ETH tools read, one pose per keyframe:
+``trajectory_gt.tum`` (ground truth), ``trajectory_<preset>_odometry.tum`` (before the pose graph) and
+``trajectory_<preset>_optimised.tum`` (after it), e.g. ``evo_ape tum trajectory_gt.tum
+trajectory_cpu_optimised.tum -a`` (add ``-s`` for monocular runs, whose loops carry no scale).
+"""
 
 from __future__ import annotations
 
@@ -76,6 +82,37 @@ def plot_latency(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
+
+
+def write_tum(path: Path, stamps_ns: list[int] | np.ndarray, poses: np.ndarray) -> Path:
+    """TUM trajectory file: one line ``t tx ty tz qx qy qz qw`` per (4, 4) pose T_world_camera, t in seconds."""
+    from scipy.spatial.transform import Rotation
+
+    poses = np.asarray(poses, np.float64)
+    if len(stamps_ns) != len(poses):
+        raise ValueError(f"{len(stamps_ns)} stamps for {len(poses)} poses")
+    quaternions = Rotation.from_matrix(poses[:, :3, :3]).as_quat()  # x, y, z, w
+    lines = [TUM_HEADER] + [f"{int(stamp) // 1_000_000_000}.{int(stamp) % 1_000_000_000:09d} "
+                            + " ".join(f"{v:.9f}" for v in (*pose[:3, 3], *quaternion))
+                            for stamp, pose, quaternion in zip(stamps_ns, poses, quaternions)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_tum(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) timestamps in seconds and (N, 4, 4) poses from a TUM trajectory file (``#`` lines are comments)."""
+    from scipy.spatial.transform import Rotation
+
+    rows = np.array([[float(v) for v in line.split()] for line in Path(path).read_text().splitlines()
+                     if line.strip() and not line.startswith("#")], np.float64).reshape(-1, 8)
+    poses = np.tile(np.eye(4), (len(rows), 1, 1))
+    poses[:, :3, 3] = rows[:, 1:4]
+    if len(rows):
+        poses[:, :3, :3] = Rotation.from_quat(rows[:, 4:8]).as_matrix()
+    return rows[:, 0], poses
+
+
 def write_report(runs: dict[str, dict[str, Any]], header: dict[str, Any], report_dir: Path) -> dict[str, Any]:
     """Write metrics.json (+ per-keyframe results JSONL and plots); returns the JSON-able metrics."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +132,12 @@ def write_report(runs: dict[str, dict[str, Any]], header: dict[str, Any], report
                      f"({len(pairs)} loops)")
             plot_trajectory(poses, pairs, title, report_dir / f"trajectory_{name}.png")
             plots[f"trajectory_{name}"] = f"trajectory_{name}.png"
+            stamps = [result.stamp_ns for result in results]
+            if len(stamps) == len(poses["gt"]):
+                trajectory["tum"] = {"gt": write_tum(report_dir / "trajectory_gt.tum", stamps, poses["gt"]).name}
+                for kind in ("odometry", "optimised"):
+                    path = write_tum(report_dir / f"trajectory_{name}_{kind}.tum", stamps, poses[kind])
+                    trajectory["tum"][kind] = path.name
         clean_runs[name] = metrics
     plot_pr_curves(clean_runs, report_dir / "pr_curve.png")
     plot_latency(clean_runs, report_dir / "latency.png")

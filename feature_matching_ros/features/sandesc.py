@@ -4,7 +4,7 @@ The network (:mod:`feature_matching_ros.models.sandesc`) is trained per detector
 keypoints, so the weights are looked up per detector:
 
 1. ``FMR_SANDESC_WEIGHTS``: a ``.safetensors`` file (used for every detector) or a folder holding
-   ``sandesc_<detector>.safetensors`` files (benchmarks, the GPU machine, experiments);
+   ``sandesc_<detector>.safetensors`` files (benchmarks, freshly trained weights, experiments);
 2. otherwise ``resource/sandesc/sandesc_<detector>.safetensors`` (shipped; ``orb_multiscale`` uses ORB's).
 
 A detector without its own file falls back to the ORB-trained weights with a logged warning: the map is

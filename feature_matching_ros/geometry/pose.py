@@ -2,11 +2,13 @@
 
 Conventions: ``R, t`` map points from camera 0 to camera 1 (``X1 = R X0 + t``, i.e. T_1_0). Without depth
 the translation is a unit direction (scale unknown); with depth in either view it is metric (PnP).
-The 6x6 information matrix is ordered like ROS covariances, (tx, ty, tz, rx, ry, rz), for a small
-perturbation T_1_0 <- exp([v, w]) T_1_0 on the left. It is J^T J / sigma^2 of the inlier residuals
-(reprojection errors for PnP, Sampson errors for the essential matrix) with sigma their robust (MAD)
-scale, so tight, numerous inliers give a confident constraint. For the essential matrix the
-translation along t is unobservable (scale), and the information says so: zero along that direction.
+The 6x6 information matrix is the ENGINE convention of :mod:`feature_matching_ros.geometry.covariance`:
+ordered (tx, ty, tz, rx, ry, rz) for a small perturbation T_1_0 <- exp([v, w]) T_1_0 on the left.
+PnP: :func:`~feature_matching_ros.geometry.covariance.pnp_information`, each residual weighted by its
+modelled noise (keypoint localisation in both images, depth noise growing with z^2), never more confident
+than that model. Essential matrix: J^T J / sigma^2 of the Sampson errors, sigma their robust (MAD) scale
+with a 1 px floor; the translation along t is unobservable (scale), and the information says so: exactly
+zero along that direction.
 
 Failures are results, not exceptions: too few matches or inliers are returned with ``success=False`` and a
 reason. When a homography explains the matches as well as the essential matrix (pure rotation or a single
@@ -22,6 +24,7 @@ import cv2
 import numpy as np
 
 from feature_matching_ros.config import PoseConfig
+from feature_matching_ros.geometry.covariance import PIXEL_SIGMA_FLOOR_PX, pnp_information
 from feature_matching_ros.geometry.se3 import exp_so3 as _exp_so3
 from feature_matching_ros.geometry.se3 import invert_information, rotation_angle_deg
 from feature_matching_ros.geometry.se3 import skew as _skew
@@ -189,9 +192,11 @@ def backproject(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndar
     return np.stack([x, y, depth], 1).astype(np.float64)
 
 
-def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig) -> RelativePose:
+def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig,
+                       K_source: np.ndarray | None = None) -> RelativePose:
     """T_dst_src by PnP from (M, 3) points in the source camera (NaN rows = no depth) to (M, 2) pixels of the
-    destination camera with intrinsics K; inliers index the M rows."""
+    destination camera with intrinsics K; inliers index the M rows. ``K_source`` (the camera the points were
+    lifted in) lets the information model the keypoint noise of both images."""
     count = len(points3d)
     valid = np.isfinite(points3d).all(1) & (points3d[:, 2] >= config.min_depth) & (points3d[:, 2] <= config.max_depth)
     if valid.sum() < config.min_matches:
@@ -206,11 +211,8 @@ def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, 
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few PnP inliers: {int(inliers.sum())} < min_inliers={config.min_inliers}",
                             inliers=inliers, method="pnp")
-    obj, img = points3d[inliers], pixels[inliers].astype(np.float64)
-    residuals = _reprojection_residuals(R, t, obj, img, K)
-    jacobian = _numeric_jacobian(lambda d: _reprojection_residuals(*_perturb(R, t, d), obj, img, K))
-    return RelativePose(True, "ok", R, t, inliers, _information(jacobian, residuals, floor=0.1), metric=True,
-                        method="pnp")
+    information = pnp_information(R, t, points3d[inliers], pixels[inliers].astype(np.float64), K, K_source=K_source)
+    return RelativePose(True, "ok", R, t, inliers, information, metric=True, method="pnp")
 
 
 def invert_relative_pose(pose: RelativePose) -> RelativePose:
@@ -227,10 +229,10 @@ def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> 
     if depth0 is not None:
         points3d, valid = lift_to_3d(keypoints0, np.asarray(depth0), K0, config)
         points3d[~valid] = np.nan
-        return pose_from_points3d(points3d, keypoints1, K1, config)
+        return pose_from_points3d(points3d, keypoints1, K1, config, K_source=K0)
     points3d, valid = lift_to_3d(keypoints1, np.asarray(depth1), K1, config)
     points3d[~valid] = np.nan
-    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config))
+    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config, K_source=K1))
 
 
 def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
@@ -266,7 +268,7 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     r0, r1 = rays0[inliers], rays1[inliers]
     residuals = _sampson_residuals(R, t, r0, r1)
     jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
-    information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+    information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
     # Sampson residuals ignore the length of t: project that direction out explicitly for numerical hygiene.
     projector = np.eye(6)
     projector[:3, :3] -= np.outer(t, t)
@@ -306,7 +308,7 @@ def _pose_homography(H: np.ndarray, inliers: np.ndarray, rays0: np.ndarray, rays
         R = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
         residuals = _transfer_residuals(R, r0, r1)
         jacobian = _numeric_jacobian(lambda d: _transfer_residuals(_perturb(R, np.zeros(3), d)[0], r0, r1))
-        information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+        information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
         information[:3, :], information[:, :3] = 0.0, 0.0
         return RelativePose(True, "ok", R, np.zeros(3), inliers, information, metric=False, method="homography")
     _, rotations, translations, normals = cv2.decomposeHomographyMat(H, np.eye(3))
@@ -325,7 +327,7 @@ def _pose_homography(H: np.ndarray, inliers: np.ndarray, rays0: np.ndarray, rays
     t = t / np.linalg.norm(t)
     residuals = _sampson_residuals(R, t, r0, r1)
     jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
-    information = _information(jacobian, residuals, floor=0.1 / mean_focal)
+    information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
     projector = np.eye(6)
     projector[:3, :3] -= np.outer(t, t)
     information = projector.T @ information @ projector

@@ -11,19 +11,29 @@ Safety: arrays are read with ``np.load(allow_pickle=False)`` and metadata with `
 elsewhere cannot execute code; every file's size and sha256 are checked against the manifest before
 anything is parsed, and the shapes are cross-checked after, so a truncated, corrupt, foreign-version or
 incomplete map raises :class:`MapFormatError` and nothing is half-loaded. Writes are atomic per file
-(temp file, fsync, rename) and the whole map is written into a temp directory that replaces the target
-by rename, with the manifest written last: a crash leaves either the old map or the new one.
+(temp file, fsync, rename) and the whole map is written into a fresh temp directory beside the target,
+manifest last, which then takes the target's place: a crash leaves either the old map or the new one.
+
+Saving never removes what it did not write (:func:`check_save_target`): the target must be absent, an empty
+directory, or a map this module wrote (its manifest carries ``"format": "feature_matching_ros.map"`` and the
+directory holds nothing but the files that manifest lists). Anything else -- a file, a directory holding other
+files, a map with extra files added -- is refused with :class:`MapTargetError` naming what is in the way.
+An existing map is swapped with the new one in one ``renameat2(RENAME_EXCHANGE)`` where the kernel and file
+system offer it (Linux), else by two renames (the old map moved aside first).
 The map's feature config must equal the running pipeline's (:func:`check_compatible`): descriptors of
 another network or keypoints of another detector would silently fail to match.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,10 @@ _OPTIONAL_ARRAYS = ("images", "depth_images")  # detector-free maps (eloftr, lof
 
 class MapFormatError(RuntimeError):
     """The map directory is missing, truncated, corrupt, of another version, or incompatible."""
+
+
+class MapTargetError(ValueError):
+    """A save target holds something this module did not write (a file, a foreign directory): refused."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,41 +128,111 @@ def _pack_images(keyframes: list[Keyframe]) -> dict[str, np.ndarray]:
     return out
 
 
+def check_save_target(directory: Path | str) -> bool:
+    """Refuse a save target holding anything this module did not write; True when it holds one of our maps.
+
+    Allowed: a path that does not exist, an empty directory, or a map directory written by :func:`save_map`
+    whose entries are exactly its manifest and the files the manifest lists. Raises :class:`MapTargetError`
+    with the reason otherwise (the caller's data stays untouched).
+    """
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return False
+    if directory.is_symlink():
+        raise MapTargetError(f"{directory} is a symbolic link; give the map directory itself")
+    if not directory.is_dir():
+        raise MapTargetError(f"{directory} is a file, not a map directory; a map is saved as a directory")
+    entries = sorted(entry.name for entry in directory.iterdir())
+    if not entries:
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MAP_FORMAT:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise MapTargetError(f"{directory} is a non-empty directory that is not a {MAP_FORMAT} map (it holds "
+                             f"{shown}); refusing to overwrite it: save to a new or empty directory")
+    ours = {MANIFEST} | set(manifest.get("files", {}))
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        raise MapTargetError(f"{directory} is a map with other files added ({', '.join(foreign[:5])}); refusing "
+                             "to overwrite them: move them out or save to another directory")
+    return True
+
+
+def _fresh_directory(parent: Path, prefix: str) -> Path:
+    """A new directory with a name nobody else uses (permissions from the umask, like the user's own)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
 def save_map(database: KeyframeDatabase, directory: Path | str, feature_config: dict[str, Any],
              global_descriptor: dict[str, Any]) -> Path:
-    """Write ``database`` to ``directory`` (replaced atomically if it exists). ``feature_config``: the
-    pipeline's FeatureConfig as a dict; ``global_descriptor``: kind, dim, codebook sha256."""
+    """Write ``database`` to the map directory ``directory``. ``feature_config``: the pipeline's FeatureConfig
+    as a dict; ``global_descriptor``: kind, dim, codebook sha256. An existing map written here is replaced
+    atomically; anything else in the way raises :class:`MapTargetError` (see :func:`check_save_target`)."""
     directory = Path(directory)
     descriptor_types = {k.descriptor_type for k in database.keyframes}
     if len(descriptor_types) > 1:
         raise ValueError(f"database mixes descriptor types {sorted(descriptor_types)}")
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    files = {}
-    for name, array in _pack(database).items():
-        data = _npy_bytes(array)
-        _atomic_write_bytes(staging / f"{name}.npy", data)
-        files[f"{name}.npy"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    manifest = {
-        "format": MAP_FORMAT, "format_version": MAP_FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "counts": {"keyframes": len(database), "keypoints": int(sum(len(k) for k in database.keyframes))},
-        "descriptor_type": next(iter(descriptor_types), None),
-        "feature_config": feature_config, "global_descriptor": global_descriptor | {"kind": database.kind,
-                                                                                   "dim": database.global_dim},
-        "retrieval": vars(database.config).copy(), "files": files,
-    }
-    _atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(staging)
-    if directory.exists():  # swap: old map moved aside, new one renamed in, old one removed
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)
+    check_save_target(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_directory(directory.parent, f".{directory.name}.tmp-")
+    try:
+        files = {}
+        for name, array in _pack(database).items():
+            data = _npy_bytes(array)
+            _atomic_write_bytes(staging / f"{name}.npy", data)
+            files[f"{name}.npy"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest = {
+            "format": MAP_FORMAT, "format_version": MAP_FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "counts": {"keyframes": len(database), "keypoints": int(sum(len(k) for k in database.keyframes))},
+            "descriptor_type": next(iter(descriptor_types), None),
+            "feature_config": feature_config, "global_descriptor": global_descriptor | {"kind": database.kind,
+                                                                                       "dim": database.global_dim},
+            "retrieval": vars(database.config).copy(), "files": files,
+        }
+        _atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(staging)
+        # Checked again right before the swap: the target may have changed while the arrays were written.
+        if check_save_target(directory) or directory.is_dir():
+            if not _exchange(staging, directory):  # two renames: the old map moved aside, the new one in
+                old = _fresh_directory(directory.parent, f".{directory.name}.old-")
+                os.replace(directory, old)
+                try:
+                    os.replace(staging, directory)
+                except OSError:
+                    os.replace(old, directory)  # put the previous map back
+                    raise
+                staging = old
+            shutil.rmtree(staging, ignore_errors=True)  # the previous map (ours, checked above) or an empty dir
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _fsync_dir(directory.parent)
     return directory
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from geometry_msgs.msg import Pose, Quaternion, Transform, Vector3
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import Image
 
 # encoding -> (sample dtype, channels)
 _ENCODINGS: dict[str, tuple[np.dtype, int]] = {
@@ -110,22 +110,6 @@ def numpy_to_image(array: np.ndarray, encoding: str, header=None) -> Image:
     msg.step = int(array.shape[1] * channels * dtype.itemsize)
     msg.data = array.tobytes()
     return msg
-
-
-def camera_matrix(info: CameraInfo, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """CameraInfo -> 3x3 K, validated. Raises ConversionError (missing_camera_info / invalid_camera_info)."""
-    K = np.asarray(info.k, dtype=np.float64).reshape(3, 3)
-    if not np.any(K):
-        raise ConversionError("missing_camera_info", "camera info has an all-zero K (missing calibration)")
-    if not np.isfinite(K).all():
-        raise ConversionError("invalid_camera_info", "camera info K contains NaN or infinite values")
-    if K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1.0:
-        raise ConversionError("invalid_camera_info", f"camera info K is not a pinhole matrix: fx={K[0, 0]}, "
-                              f"fy={K[1, 1]}, K[2,2]={K[2, 2]}")
-    if image_shape is not None and info.width and info.height and (info.height, info.width) != tuple(image_shape[:2]):
-        raise ConversionError("camera_info_size_mismatch", f"camera info is for {info.width}x{info.height} but the "
-                              f"image is {image_shape[1]}x{image_shape[0]}")
-    return K
 
 
 def pose_to_matrix(pose: Pose, what: str = "pose") -> np.ndarray:

@@ -6,10 +6,11 @@ parameter-file tests (which check that every name they use is declared), and doc
 Configuration = a preset + explicit overrides. ``preset`` names an entry of :mod:`feature_matching_ros.presets`
 (THE single place that defines pipeline + engine values). Every key of the preset's nested dict can be
 overridden by a parameter of the same path: ``pipeline.features.max_keypoints``, ``pipeline.device``,
-``engine.min_inliers``, ``engine.retrieval.top_k`` ... Override parameters have no default: a parameter that
-is not set leaves the preset's value alone, so a parameter file only lists what it changes. Their validation
-is the core's (``presets.build_configs``), whose errors name the key and the allowed values. Node parameters
-(queues, map handling, ...) are validated by their descriptor ranges / choices.
+``engine.min_inliers``, ``engine.retrieval.top_k`` ... The node declares each override parameter with the
+value the selected preset resolves to (:func:`effective_values`), so ``ros2 param get`` / ``ros2 param dump`` /
+GetParameters show the configuration actually in use; a value given in a parameter file or with ``-p``
+replaces it. Their validation is the core's (``presets.build_configs``), whose errors name the key and the
+allowed values. Node parameters (queues, map handling, ...) are validated by their descriptor ranges / choices.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any
 from feature_matching_ros import config as core_config
 
 MAP_LOAD_FAILURE = ("empty_map", "stop")
+IMAGE_QOS = ("sensor_data", "reliable")
+DISTORTED_IMAGES = ("undistort", "reject")
 
 
 @dataclass(frozen=True)
 class ParameterSpec:
-    """One ROS parameter. ``default`` None: an override without default (declared by ``value_type`` only).
+    """One ROS parameter. ``default`` None: a preset override, declared with the preset's resolved value.
     ``value_range`` (inclusive) applies to int/float node parameters; ``choices`` to string node parameters."""
 
     name: str
@@ -72,7 +75,7 @@ def _override_specs() -> list[ParameterSpec]:
             value_type = _SCALARS.get(str(field.type).split("|")[0].strip(), type(default))
             name = ".".join(path)
             specs.append(ParameterSpec(
-                name, None, f"Overrides the preset's {name} (unset: the preset's value). Validated by the core "
+                name, None, f"The preset's {name}, unless set here (parameter file, -p). Validated by the core "
                 f"at startup; read only.", allowed=_ALLOWED.get(name, value_type.__name__), value_type=value_type,
                 override_key=path))
 
@@ -99,10 +102,33 @@ NODE_PARAMETERS: list[ParameterSpec] = [
     ParameterSpec("max_keyframes", 100_000, "Keyframes kept in the map. When full, new keyframes are still "
                   "checked for loops but not inserted (counted as keyframes.not_inserted_map_full).",
                   value_range=(1, 10_000_000)),
-    ParameterSpec("keyframe_queue_size", 16, "Keyframes/candidate requests waiting for the matcher; when full "
-                  "the oldest is dropped and counted.", value_range=(1, 10_000)),
-    ParameterSpec("image_queue_size", 2, "Images waiting for relocalization; when full the oldest is dropped "
-                  "and counted (never fall behind the camera).", value_range=(1, 1_000)),
+    ParameterSpec("keyframe_backlog_warn", 100, "Keyframes and candidate requests are never dropped: they wait "
+                  "in an unbounded first-in first-out backlog (keyframes are map data). Above this many waiting, "
+                  "diagnostics warn (the matcher is slower than the backend's keyframe rate).",
+                  value_range=(1, 1_000_000)),
+    ParameterSpec("image_queue_size", 2, "Images waiting for relocalization; when full the oldest is dropped, "
+                  "counted and logged (never fall behind the camera).", value_range=(1, 1_000)),
+    ParameterSpec("image_qos", "sensor_data", "QoS of the image, camera_info and depth subscriptions: "
+                  "sensor_data (best effort, ROS convention for sensor consumers; connects to best-effort and "
+                  "reliable publishers) or reliable (only reliable publishers). Caveat: over best effort, large "
+                  "images (640x480 and up) with default Fast DDS settings are often lost in fragments and never "
+                  "arrive; with a reliable camera publisher choose reliable.", choices=IMAGE_QOS),
+    ParameterSpec("image_stall_warn_s", 3.0, "Warn (log, counter images.stalled, diagnostics) when camera_info "
+                  "keeps arriving but no image has for this long, seconds (see image_qos); 0 disables.",
+                  value_range=(0.0, 3600.0)),
+    ParameterSpec("use_rectified_intrinsics", False, "Take the intrinsics from CameraInfo.p (the projection of a "
+                  "rectified or undistorted topic such as image_rect) and ignore d; false: from k and d."),
+    ParameterSpec("distorted_images", "undistort", "Images whose CameraInfo.d is non-zero (with "
+                  "use_rectified_intrinsics false): undistort = undistort the image (and depth) with k and d "
+                  "before matching (plumb_bob, rational_polynomial, equidistant), so keypoints, Matches pixels "
+                  "and poses refer to the undistorted image with intrinsics k; reject = refuse them, counted as "
+                  "rejected.distorted_image.", choices=DISTORTED_IMAGES),
+    ParameterSpec("subscribe_depth", False, "Relocalize images from the image topic with the depth topic: paired "
+                  "by time stamp (message_filters ApproximateTimeSynchronizer on a ROS install, slop "
+                  "depth_max_age_s; otherwise the nearest depth within depth_max_age_s). False: no depth "
+                  "subscription."),
+    ParameterSpec("sync_queue_size", 10, "Messages per topic the time synchroniser keeps while waiting for a "
+                  "matching set.", value_range=(1, 1_000)),
     ParameterSpec("relocalize_on_image", True, "Relocalize every image from the image topic against the map "
                   "(publishes relocalization_pose and matches).", read_only=False),
     ParameterSpec("publish_rejected", False, "Also publish rejected loop candidates (with their reason) on "
@@ -114,9 +140,16 @@ NODE_PARAMETERS: list[ParameterSpec] = [
                   "stores features, not images.", value_range=(0, 100_000)),
     ParameterSpec("debug_image_max_width", 1280, "Debug image is shrunk to at most this width, pixels.",
                   value_range=(64, 8192)),
-    ParameterSpec("depth_max_age_s", 0.05, "A depth image is used with an image when their stamps differ by "
-                  "at most this, seconds.", read_only=False, value_range=(0.0, 10.0)),
+    ParameterSpec("depth_max_age_s", 0.05, "Image, camera_info and depth stamps may differ by at most this to be "
+                  "used together, seconds (the time synchroniser's slop).", value_range=(0.0, 10.0)),
     ParameterSpec("diagnostics_period_s", 1.0, "Period of /diagnostics, seconds.", value_range=(0.05, 60.0)),
+    ParameterSpec("diagnostics_window_s", 10.0, "Diagnostics levels reflect events of this recent window, seconds: "
+                  "rejections -> WARN, processing errors or a failed map load -> ERROR; back to OK once the window "
+                  "holds none (a map_path that failed at startup stays ERROR until a map loads).",
+                  value_range=(0.1, 3600.0)),
+    ParameterSpec("markers_period_s", 1.0, "Period of the rviz markers (visualization_msgs/MarkerArray on "
+                  "'markers': keyframe positions and accepted loops; only while subscribed), seconds; 0 disables.",
+                  value_range=(0.0, 3600.0)),
     ParameterSpec("log_throttle_s", 5.0, "Repeated warnings of one kind are logged at most this often, "
                   "seconds (all are counted).", read_only=False, value_range=(0.0, 3600.0)),
 ]
@@ -126,11 +159,32 @@ PARAMETER_NAMES: frozenset[str] = frozenset(spec.name for spec in PARAMETERS)
 SPECS: dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETERS}
 
 
-def preset_override(values: dict[str, Any]) -> dict[str, Any]:
-    """Nested override dict ({"pipeline": {...}, "engine": {...}}) from the override parameters that are set."""
+def effective_values(preset: str, override: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{override parameter name: value} of the configuration ``preset`` (+ nested ``override``) resolves to,
+    every pipeline.* / engine.* parameter included, each cast to its declared type. Raises ConfigError."""
+    from feature_matching_ros.presets import build_configs
+
+    pipeline, engine = build_configs(preset, override)
+    roots = {"pipeline": pipeline, "engine": engine}
+    values: dict[str, Any] = {}
+    for spec in PARAMETERS:
+        if spec.override_key is None:
+            continue
+        value: Any = roots[spec.override_key[0]]
+        for key in spec.override_key[1:]:
+            value = value[key] if isinstance(value, dict) else getattr(value, key)
+        values[spec.name] = spec.type(value)
+    return values
+
+
+def preset_override(values: dict[str, Any], preset_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Nested override dict ({"pipeline": {...}, "engine": {...}}) from the override parameters that are set
+    and, when ``preset_values`` (:func:`effective_values` of the preset) is given, differ from the preset."""
     nested: dict[str, Any] = {}
     for spec in PARAMETERS:
         if spec.override_key is None or values.get(spec.name) is None:
+            continue
+        if preset_values is not None and preset_values.get(spec.name) == values[spec.name]:
             continue
         node = nested
         for key in spec.override_key[:-1]:

@@ -9,25 +9,30 @@ Topics (relative names, remap or namespace them):
                                                                 and relocalization); without a pose it is rejected.
        loop_candidates (feature_matching_ros/LoopCandidates) -> engine.verify_candidates: verify keyframes the
                                                                 backend names (no retrieval, same acceptance rules).
-       image, camera_info, depth (sensor-data QoS)           -> engine.relocalize (if relocalize_on_image)
+       image, camera_info (+ depth with subscribe_depth)     -> engine.relocalize (if relocalize_on_image); QoS
+                                                                image_qos, time-synchronised (image_inputs.py)
   out  loop_closures (LoopClosure, accepted only), loop_closures/rejected (LoopClosure, if publish_rejected),
-       matches (Matches: accepted loops and relocalizations), relocalization_pose (PoseWithCovarianceStamped),
+       matches (Matches: accepted loops and relocalizations), relocalization_pose (PoseWithCovarianceStamped,
+       ROS covariance convention), markers (visualization_msgs/MarkerArray: keyframes and accepted loops),
        debug/matches_image (sensor_msgs/Image, only while subscribed), /diagnostics (DiagnosticArray)
 Services: match_images (MatchImages), relocalize (Relocalize), save_map (SaveMap), load_map (LoadMap): the map
 is the engine's keyframe database, a directory (retrieval/persistence.py). ``map_path`` loads one at startup.
+SaveMap never removes or overwrites anything it did not write. The handlers live in services.py.
 
-Configuration: ``preset`` (presets.py) + ``pipeline.*`` / ``engine.*`` overrides, built by
-``presets.build_configs`` (see parameters.py). Invalid parameters stop the node at startup with the name and
-the allowed values.
+Configuration: ``preset`` (presets.py) + ``pipeline.*`` / ``engine.*`` parameters, each declared with the
+value the preset resolves to, so every parameter shows the configuration in use (parameters.py). Invalid
+parameters stop the node at startup with the name and the allowed values.
 
-Threading: subscription callbacks only convert and validate (cheap) and push work into two bounded queues
-(map work: keyframes and candidate requests, FIFO; images: newest wins); one worker thread runs the engine.
-A full queue drops its OLDEST entry and counts it, so the node never falls behind the camera. Services run on
-their own callback group and share the engine with the worker through a lock.
+Threading: subscription callbacks only convert and validate (cheap) and push work into the work queue
+(work_queue.py): keyframes and candidate requests wait in an unbounded FIFO backlog and are never dropped;
+images are bounded, newest wins, the dropped ones counted and logged. One worker thread runs the engine.
+Services run on their own callback group and share the engine with the worker through a lock.
 
-Bad input (unsupported encoding, step mismatch, empty image, missing/invalid camera info, NaN pose, bad depth,
-core ImageError, unknown keyframe ids) is rejected, counted by kind (diagnostics, :meth:`counters`) and logged
-(throttled per kind). Rejected loop candidates are counted by reason (``loop_closures.rejected.<reason>``).
+Bad input (unsupported encoding, step mismatch, empty image, missing/invalid camera info, distortion it cannot
+or may not undo, NaN pose, bad depth, core ImageError, unknown keyframe ids) is rejected, counted by kind
+(:meth:`counters`, diagnostics) and logged (throttled per kind). Loop verdicts and relocalization failures
+are counted by stable reason codes (reason_codes.py); the full reason with its values goes to the log and to
+LoopClosure.reason. Diagnostics levels describe the recent window (diagnostics.py).
 """
 
 from __future__ import annotations
@@ -40,16 +45,17 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
+from visualization_msgs.msg import MarkerArray
 
 from feature_matching_ros.config import ConfigError
 from feature_matching_ros.image import ImageError
@@ -59,13 +65,25 @@ from feature_matching_ros.engine import Relocalization
 from feature_matching_ros.retrieval.global_descriptors import CodebookError
 from feature_matching_ros.retrieval.persistence import MapFormatError
 from feature_matching_ros.ros import conversions as conv
-from feature_matching_ros.ros.parameters import PARAMETERS, ParameterSpec, preset_override
+from feature_matching_ros.ros import messages
+from feature_matching_ros.ros.camera_model import CameraModel, Undistorter, camera_model
+from feature_matching_ros.ros.diagnostics import HealthMonitor, diagnostic_array
+from feature_matching_ros.ros.image_inputs import ImageInputs
+from feature_matching_ros.ros.markers import map_markers
+from feature_matching_ros.ros.parameters import (NODE_PARAMETERS, PARAMETERS, ParameterSpec, effective_values,
+                                                 preset_override)
+from feature_matching_ros.ros.reason_codes import reason_code
+from feature_matching_ros.ros.services import NodeServices
+from feature_matching_ros.ros.work_queue import Job, WorkQueue
 from feature_matching_ros.srv import LoadMap, MatchImages, Relocalize, SaveMap
 
 NODE_NAME = "relocalization_node"
 LATENCY_WINDOW = 512  # samples per stage kept for the percentiles in diagnostics
+ACCEPTED_LOOPS_SHOWN = 10_000  # accepted loops remembered for the rviz markers
 _PARAMETER_TYPES = {bool: Parameter.Type.BOOL, int: Parameter.Type.INTEGER, float: Parameter.Type.DOUBLE,
                     str: Parameter.Type.STRING}
+# Counter keys whose recent occurrences set diagnostics levels (diagnostics.py).
+_HEALTH_EVENTS = ("rejected.", "dropped.", "errors", "map.save_", "images.stalled")
 
 
 class ParameterError(RuntimeError):
@@ -74,7 +92,7 @@ class ParameterError(RuntimeError):
 
 @dataclass
 class _Frame:
-    """A converted camera frame (keyframe, raw image or service request)."""
+    """A converted camera frame (keyframe, raw image or service request), undistorted when it needed it."""
 
     keyframe_id: int
     stamp_ns: int
@@ -85,12 +103,9 @@ class _Frame:
     depth: np.ndarray | None = None
     T_map_camera: np.ndarray | None = None
 
-
-@dataclass
-class _Job:
-    kind: str  # "keyframe" | "candidates" | "image"
-    payload: Any
-    received: float  # time.monotonic() at the callback
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + (self.depth.nbytes if self.depth is not None else 0)
 
 
 class _LatencyStats:
@@ -115,13 +130,7 @@ class _LatencyStats:
                         "max": float(v.max()), "n": float(len(v))} for stage, v in snapshot.items()}
 
 
-def _short_reason(reason: str) -> str:
-    """Stable counter key from a core reason ("too few inliers: 3 < 15" -> "too_few_inliers")."""
-    head = reason.split(":")[0].split("(")[0].strip().lower()
-    return "_".join(head.replace(";", " ").replace(",", " ").split())[:48] or "unknown"
-
-
-class RelocalizationNode(Node):
+class RelocalizationNode(NodeServices, Node):
     """Thin shell: messages -> numpy -> LoopClosureEngine -> messages."""
 
     def __init__(self, **node_kwargs) -> None:
@@ -132,8 +141,9 @@ class RelocalizationNode(Node):
         self._latency = _LatencyStats()
         self._worker: threading.Thread | None = None
         try:
-            values = self._declare_parameters()
-            self.engine = self._build_engine(values)
+            values, override = self._declare_parameters()
+            self.health = HealthMonitor(values["diagnostics_window_s"])
+            self.engine = self._build_engine(values["preset"], override)
             self._load_startup_map(values)
         except ParameterError:
             super().destroy_node()  # release the rcl node: the caller never gets this object
@@ -141,38 +151,38 @@ class RelocalizationNode(Node):
         self.preset: str = values["preset"]
         self.map_frame: str = values["map_frame"]
         self._max_keyframes: int = values["max_keyframes"]
+        self._backlog_warn: int = values["keyframe_backlog_warn"]
+        self._use_rectified: bool = values["use_rectified_intrinsics"]
+        self._distorted_images: str = values["distorted_images"]
+        self._stall_s: float = values["image_stall_warn_s"]
+        self._undistorter = Undistorter()
+        self._undistort_lock = threading.Lock()
         self._engine_lock = threading.Lock()
-        # Camera frame per keyframe id (Matches.frame_id1) and a bounded cache of downscaled keyframe images
-        # for debug images: the map stores features, not images.
+        self._queue = WorkQueue(values["image_queue_size"])
+        # Camera frame per keyframe id (Matches.frame_id1), a bounded cache of downscaled keyframe images for
+        # debug images (the map stores features, not images) and the accepted loops for the rviz markers.
         self._camera_frames: OrderedDict[int, str] = OrderedDict()
         self._debug_images: OrderedDict[int, tuple[np.ndarray, float]] = OrderedDict()
         self._debug_image_keyframes: int = values["debug_image_keyframes"]
-
-        # Work queues: bounded, oldest dropped (counted).
-        self._queue_condition = threading.Condition()
-        self._map_jobs: deque[_Job] = deque()
-        self._image_jobs: deque[_Job] = deque()
-        self._map_queue_size: int = values["keyframe_queue_size"]
-        self._image_queue_size: int = values["image_queue_size"]
-        self._stopping = False
-
-        # Latest camera info / depth for the raw image topic.
-        self._camera_info: CameraInfo | None = None
-        self._depth_msgs: deque[Image] = deque(maxlen=4)
+        self._accepted_loops: deque[tuple[int, int]] = deque(maxlen=ACCEPTED_LOOPS_SHOWN)
+        self._stalled = False
 
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        # Map work: KEEP_ALL so DDS holds what the callback has not taken yet (never dropped at the reader).
+        map_inputs = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
         self.loop_closure_pub = self.create_publisher(LoopClosure, "loop_closures", reliable)
         self.rejected_pub = self.create_publisher(LoopClosure, "loop_closures/rejected", reliable)
         self.matches_pub = self.create_publisher(Matches, "matches", reliable)
         self.pose_pub = self.create_publisher(PoseWithCovarianceStamped, "relocalization_pose", reliable)
+        self.markers_pub = self.create_publisher(MarkerArray, "markers", QoSProfile(depth=1))
         self.debug_image_pub = self.create_publisher(Image, "debug/matches_image", QoSProfile(depth=1))
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
 
-        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
-        self.create_subscription(LoopCandidates, "loop_candidates", self._on_candidates, reliable)
-        self.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data)
-        self.create_subscription(Image, "depth", self._on_depth, qos_profile_sensor_data)
+        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, map_inputs)
+        self.create_subscription(LoopCandidates, "loop_candidates", self._on_candidates, map_inputs)
+        self.camera = ImageInputs(self, self._on_camera_set, values["image_qos"], values["subscribe_depth"],
+                                  values["depth_max_age_s"], values["sync_queue_size"], self._count,
+                                  callback_group=MutuallyExclusiveCallbackGroup())
 
         services = MutuallyExclusiveCallbackGroup()
         self.create_service(MatchImages, "match_images", self._on_match_images, callback_group=services)
@@ -181,6 +191,8 @@ class RelocalizationNode(Node):
         self.create_service(LoadMap, "load_map", self._on_load_map, callback_group=services)
 
         self.create_timer(values["diagnostics_period_s"], self._publish_diagnostics)
+        if values["markers_period_s"] > 0:
+            self.create_timer(values["markers_period_s"], self._publish_markers)
         self._worker = threading.Thread(target=self._work, name="relocalization_worker", daemon=True)
         self._worker.start()
         pipeline = self.engine.pipeline.config
@@ -188,23 +200,32 @@ class RelocalizationNode(Node):
             f"ready: preset {self.preset} ({pipeline.features.detector}+{pipeline.features.descriptor} / "
             f"{pipeline.matcher.name}, {pipeline.features.max_keypoints} keypoints, {self.engine.database.kind} "
             f"retrieval top {self.engine.config.retrieval.top_k}) on {self.engine.pipeline.device}; "
-            f"map: {len(self.engine.database)} keyframes")
+            f"map: {len(self.engine.database)} keyframes; camera sync: {self.camera.synchroniser}")
 
     # ------------------------------------------------------------------ parameters and startup
-    def _declare_parameters(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
+    def _declare(self, spec: ParameterSpec, default: Any) -> Any:
+        try:
+            value = self.declare_parameter(spec.name, default, self._descriptor(spec)).value
+        except Exception as error:  # rclpy raises several types (range, type mismatch, read-only)
+            raise ParameterError(f"invalid parameter {spec.name!r}: {error}; allowed: "
+                                 f"{self._allowed_text(spec)} ({spec.type.__name__})") from error
+        if spec.choices and value not in spec.choices:
+            raise ParameterError(f"invalid parameter {spec.name!r}: {value!r}; allowed values: "
+                                 f"{', '.join(spec.choices)}")
+        return value
+
+    def _declare_parameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Node parameters, then every pipeline.* / engine.* parameter with the value the preset resolves to
+        (a parameter file or -p replaces it). Returns (all values, nested override of the preset)."""
+        values = {spec.name: self._declare(spec, spec.default) for spec in NODE_PARAMETERS}
+        try:
+            preset_values = effective_values(values["preset"])
+        except (ConfigError, CodebookError) as error:
+            raise ParameterError(f"invalid parameter 'preset' ({values['preset']!r}): {error}") from error
         for spec in PARAMETERS:
-            try:
-                initial = spec.default if spec.default is not None else _PARAMETER_TYPES[spec.type]
-                value = self.declare_parameter(spec.name, initial, self._descriptor(spec)).value
-            except Exception as error:  # rclpy raises several types (range, type mismatch, read-only)
-                raise ParameterError(f"invalid parameter {spec.name!r}: {error}; allowed: "
-                                     f"{self._allowed_text(spec)} ({spec.type.__name__})") from error
-            if spec.choices and value not in spec.choices:
-                raise ParameterError(f"invalid parameter {spec.name!r}: {value!r}; allowed values: "
-                                     f"{', '.join(spec.choices)}")
-            values[spec.name] = value
-        return values
+            if spec.override_key is not None:
+                values[spec.name] = self._declare(spec, preset_values[spec.name])
+        return values, preset_override(values, preset_values)
 
     @staticmethod
     def _allowed_text(spec: ParameterSpec) -> str:
@@ -229,14 +250,13 @@ class RelocalizationNode(Node):
         return descriptor
 
     @staticmethod
-    def _build_engine(values: dict[str, Any]):
+    def _build_engine(preset: str, override: dict[str, Any]):
         from feature_matching_ros.engine import build_engine
 
-        override = preset_override(values)
         try:
-            return build_engine(values["preset"], override)
+            return build_engine(preset, override)
         except (ConfigError, CodebookError, TypeError) as error:
-            raise ParameterError(f"invalid parameter (preset {values['preset']!r} with overrides {override}): "
+            raise ParameterError(f"invalid parameter (preset {preset!r} with overrides {override}): "
                                  f"{error}") from error
 
     def _load_startup_map(self, values: dict[str, Any]) -> None:
@@ -250,6 +270,7 @@ class RelocalizationNode(Node):
             if values["map_load_failure"] == "stop":
                 raise ParameterError(f"{message} (map_load_failure=stop)") from error
             self._count("map.load_failed")
+            self.health.startup_map_failed(message)
             self.get_logger().error(f"{message}; running with an EMPTY map (map_load_failure=empty_map)")
             return
         self._count("map.loaded")
@@ -263,6 +284,8 @@ class RelocalizationNode(Node):
     def _count(self, key: str, amount: int = 1) -> None:
         with self._counter_lock:
             self._counters[key] += amount
+        if key.startswith(_HEALTH_EVENTS):
+            self.health.event(key)
 
     def counters(self) -> dict[str, int]:
         """Snapshot of every counter (received, processed, dropped, rejected.<kind>, ...)."""
@@ -283,26 +306,10 @@ class RelocalizationNode(Node):
             self._last_log[kind] = now
             self.get_logger().warning(message)
 
-    # ------------------------------------------------------------------ queues
-    def _push(self, queue: deque, item: Any, capacity: int, drop_key: str) -> None:
-        with self._queue_condition:
-            while len(queue) >= capacity:
-                queue.popleft()
-                self._count(drop_key)
-            queue.append(item)
-            self._queue_condition.notify()
-
-    def _next_job(self) -> _Job | None:
-        with self._queue_condition:
-            while not self._stopping and not self._map_jobs and not self._image_jobs:
-                self._queue_condition.wait(0.5)
-            if self._stopping:
-                return None
-            return self._map_jobs.popleft() if self._map_jobs else self._image_jobs.popleft()
-
+    # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
         while True:
-            job = self._next_job()
+            job = self._queue.next()
             if job is None:
                 return
             self._latency.add("queue_wait", (time.monotonic() - job.received) * 1e3)
@@ -324,9 +331,7 @@ class RelocalizationNode(Node):
         """Stop and join the worker thread (call before destroy_node / rclpy.shutdown)."""
         if self._worker is None:
             return
-        with self._queue_condition:
-            self._stopping = True
-            self._queue_condition.notify_all()
+        self._queue.stop()
         if self._worker.is_alive():
             self._worker.join(timeout=30.0)
 
@@ -334,13 +339,34 @@ class RelocalizationNode(Node):
         self.stop()
         super().destroy_node()
 
+    def _push_map_work(self, job: Job) -> None:
+        backlog = self._queue.push_map(job)
+        if backlog > self._backlog_warn:
+            self._warn("keyframe_backlog", f"{backlog} keyframes/candidate requests waiting (> keyframe_backlog_warn="
+                       f"{self._backlog_warn}): the matcher is slower than the keyframe rate; none are dropped")
+
     # ------------------------------------------------------------------ conversions shared by topics and services
+    def _camera(self, info: CameraInfo, image: np.ndarray) -> CameraModel:
+        model = camera_model(info, image.shape, self._use_rectified)
+        if model.distortion is not None and self._distorted_images == "reject":
+            raise conv.ConversionError(
+                "distorted_image", f"camera info d={list(model.distortion.coefficients)} "
+                f"({model.distortion.model}) is non-zero: the image is distorted (distorted_images=reject; set "
+                "distorted_images:=undistort, or use_rectified_intrinsics:=true with a rectified topic)")
+        return model
+
+    def _undistort(self, image: np.ndarray, model: CameraModel, nearest: bool = False) -> np.ndarray:
+        if model.distortion is None:
+            return image
+        with self._undistort_lock:
+            return self._undistorter.undistort(image, model, nearest)
+
     def _frame(self, keyframe_id: int, header: Header, image_msg: Image, info: CameraInfo,
                depth_msg: Image | None, map_frame: str) -> _Frame:
-        """Convert and validate; raises conv.ConversionError (kind + message). Arrays are copies."""
+        """Convert, validate and undistort; raises conv.ConversionError (kind + message). Arrays are copies."""
         start = time.perf_counter()
         image = np.array(conv.image_to_numpy(image_msg, conv.IMAGE_ENCODINGS))  # rclpy reuses the buffer
-        K = conv.camera_matrix(info, image.shape)
+        model = self._camera(info, image)
         depth = None
         if depth_msg is not None:
             try:
@@ -350,10 +376,13 @@ class RelocalizationNode(Node):
             if depth is not None and depth.shape != image.shape[:2]:
                 raise conv.ConversionError("bad_depth", f"depth {depth.shape[1]}x{depth.shape[0]} does not match "
                                            f"the image {image.shape[1]}x{image.shape[0]}")
-            depth = None if depth is None else np.array(depth)
+            depth = None if depth is None else self._undistort(np.array(depth), model, nearest=True)
+        if model.distortion is not None:
+            image = self._undistort(image, model)
+            self._count("images.undistorted")
         self._latency.add("convert", (time.perf_counter() - start) * 1e3)
         return _Frame(int(keyframe_id), header.stamp.sec * 1_000_000_000 + header.stamp.nanosec,
-                      image_msg.header.frame_id or header.frame_id, map_frame or self.map_frame, image, K, depth)
+                      image_msg.header.frame_id or header.frame_id, map_frame or self.map_frame, image, model.K, depth)
 
     # ------------------------------------------------------------------ keyframes and loop closures
     def _on_keyframe(self, msg: Keyframe) -> None:
@@ -366,8 +395,7 @@ class RelocalizationNode(Node):
         except conv.ConversionError as error:
             self._reject(error.kind, f"keyframe {msg.id}: {error}")
             return
-        self._push(self._map_jobs, _Job("keyframe", frame, time.monotonic()), self._map_queue_size,
-                   "dropped.keyframes")
+        self._push_map_work(Job("keyframe", frame, time.monotonic(), frame.nbytes))
 
     def _in_map(self, keyframe_id: int) -> bool:
         try:
@@ -421,8 +449,8 @@ class RelocalizationNode(Node):
 
     def _on_candidates(self, msg: LoopCandidates) -> None:
         self._count("candidate_requests_received")
-        self._push(self._map_jobs, _Job("candidates", (int(msg.query_id), [int(i) for i in msg.candidate_ids]),
-                                        time.monotonic()), self._map_queue_size, "dropped.candidate_requests")
+        self._push_map_work(Job("candidates", (int(msg.query_id), [int(i) for i in msg.candidate_ids]),
+                                time.monotonic()))
 
     def _process_candidates(self, request: tuple[int, list[int]]) -> None:
         query_id, candidate_ids = request
@@ -444,116 +472,73 @@ class RelocalizationNode(Node):
         self._publish_loops(result.candidates, None)
 
     def _publish_loops(self, loops: list[LoopRecord], query: _Frame | None) -> None:
-        """Accepted loops -> loop_closures + matches + debug image; rejected ones are counted by reason and, with
-        publish_rejected, published on loop_closures/rejected."""
+        """Accepted loops -> loop_closures + matches + debug image; rejected ones are counted by reason code,
+        logged at debug level with the full reason and, with publish_rejected, published on
+        loop_closures/rejected."""
         publish_rejected = self._param("publish_rejected")
+        map_frame = query.map_frame if query is not None else self.map_frame
         for loop in loops:
             if not loop.accepted:
-                self._count(f"loop_closures.rejected.{_short_reason(loop.reason)}")
+                self._count(f"loop_closures.rejected.{reason_code(loop.reason).value}")
+                self.get_logger().debug(f"loop {loop.query_id}->{loop.match_id} rejected: {loop.reason}")
                 if publish_rejected:
-                    self.rejected_pub.publish(self._loop_msg(loop, query))
+                    self.rejected_pub.publish(messages.loop_msg(loop, map_frame, self.get_clock().now().to_msg()))
                 continue
             self._count("loop_closures.accepted")
-            msg = self._loop_msg(loop, query)
+            self._accepted_loops.append((int(loop.query_id), int(loop.match_id)))
+            msg = messages.loop_msg(loop, map_frame, self.get_clock().now().to_msg())
             self.loop_closure_pub.publish(msg)
             header = Header(stamp=msg.query_stamp, frame_id=self._camera_frames.get(loop.query_id, ""))
-            self.matches_pub.publish(self._matches_msg(loop, header, header.frame_id,
-                                                       self._camera_frames.get(loop.match_id, "")))
+            self.matches_pub.publish(messages.matches_msg(loop, header, header.frame_id,
+                                                          self._camera_frames.get(loop.match_id, "")))
             self._publish_debug_image(query.image if query is not None else self._debug_images.get(loop.query_id),
                                       loop, header)
 
-    def _loop_msg(self, loop: LoopRecord, query: _Frame | None) -> LoopClosure:
-        msg = LoopClosure()
-        msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = query.map_frame if query is not None else self.map_frame
-        msg.query_id, msg.match_id = int(loop.query_id), int(loop.match_id)
-        msg.query_stamp, msg.match_stamp = _stamp(loop.query_stamp_ns), _stamp(loop.match_stamp_ns)
-        msg.t_match_query = conv.matrix_to_transform(loop.T_match_query)
-        msg.scale, msg.metric_scale = float(loop.scale), bool(loop.metric)
-        msg.information = np.asarray(loop.information, np.float64).ravel()
-        msg.num_matches, msg.num_inliers = int(loop.num_matches), int(loop.num_inliers)
-        msg.retrieval_score = float(loop.retrieval_score)
-        msg.accepted, msg.reason = bool(loop.accepted), loop.reason
-        return msg
-
-    # ------------------------------------------------------------------ raw images -> relocalization
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._camera_info = msg
-
-    def _on_depth(self, msg: Image) -> None:
-        self._depth_msgs.append(msg)
-
-    def _depth_for(self, header: Header) -> Image | None:
-        max_age = self._param("depth_max_age_s")
-        stamp = conv.stamp_to_seconds(header.stamp)
-        best = min(self._depth_msgs, key=lambda m: abs(conv.stamp_to_seconds(m.header.stamp) - stamp), default=None)
-        if best is not None and abs(conv.stamp_to_seconds(best.header.stamp) - stamp) <= max_age:
-            return best
-        return None
-
-    def _on_image(self, msg: Image) -> None:
+    # ------------------------------------------------------------------ camera images -> relocalization
+    def _on_camera_set(self, image: Image, info: CameraInfo | None, depth: Image | None) -> None:
         received = time.monotonic()
         self._count("images_received")
         if not self._param("relocalize_on_image"):
             return
-        info = self._camera_info
         if info is None:
             self._reject("missing_camera_info", "image received before any camera_info")
             return
         try:
-            frame = self._frame(0, msg.header, msg, info, self._depth_for(msg.header), "")
+            frame = self._frame(0, image.header, image, info, depth, "")
         except conv.ConversionError as error:
             self._reject(error.kind, str(error))
             return
-        self._push(self._image_jobs, _Job("image", frame, received), self._image_queue_size, "dropped.images")
+        dropped = self._queue.push_image(Job("image", frame, received, frame.nbytes))
+        if dropped:
+            self._count("dropped.images", dropped)
+            self._warn("dropped_images", f"dropped {self.counters().get('dropped.images', 0)} camera images so far: "
+                       f"the matcher is slower than the camera (image_queue_size={self._queue.image_capacity}, "
+                       "newest wins)")
 
     def _process_image(self, frame: _Frame) -> None:
         result = self._relocalize(frame)
         self._count("images_processed")
-        header = Header(stamp=_stamp(frame.stamp_ns), frame_id=frame.camera_frame)
-        best = self._best_candidate(result)
-        self.matches_pub.publish(self._matches_msg(best, header, frame.camera_frame,
-                                                   self._camera_frames.get(best.match_id, "") if best else ""))
+        header = Header(stamp=messages.stamp(frame.stamp_ns), frame_id=frame.camera_frame)
+        best = messages.best_candidate(result)
+        self.matches_pub.publish(messages.matches_msg(best, header, frame.camera_frame,
+                                                      self._camera_frames.get(best.match_id, "") if best else ""))
         if best is not None:
             self._publish_debug_image(frame.image, best, header)
         if result.success:
-            self.pose_pub.publish(self._pose_msg(result, header))
+            self.pose_pub.publish(messages.pose_msg(result, header, self.map_frame))
 
     def _relocalize(self, frame: _Frame) -> Relocalization:
         with self._engine_lock:
             result = self.engine.relocalize(frame.image, frame.K, frame.depth, frame.stamp_ns)
         self._latency.add_all({f"relocalize.{k}": v for k, v in result.timing_ms.items()})
-        self._count("relocalization.succeeded" if result.success
-                    else f"relocalization.failed.{_short_reason(result.reason)}")
+        if result.success:
+            self._count("relocalization.succeeded")
+        else:
+            self._count(f"relocalization.failed.{reason_code(result.reason).value}")
+            self.get_logger().debug(f"relocalization failed: {result.reason}")
         return result
 
-    @staticmethod
-    def _best_candidate(result: Relocalization) -> LoopRecord | None:
-        """The candidate the pose came from, else the verified candidate with the most inliers."""
-        verified = [c for c in result.candidates if c.points_query is not None]
-        chosen = [c for c in verified if c.match_id == result.match_id] if result.success else []
-        return (chosen or sorted(verified, key=lambda c: -c.num_inliers) or [None])[0]
-
-    def _pose_msg(self, result: Relocalization, header: Header) -> PoseWithCovarianceStamped:
-        msg = PoseWithCovarianceStamped()
-        msg.header.stamp = header.stamp
-        msg.header.frame_id = self.map_frame
-        msg.pose.pose = conv.matrix_to_pose(result.T_map_camera)
-        msg.pose.covariance = np.asarray(result.covariance, np.float64).ravel()
-        return msg
-
     # ------------------------------------------------------------------ outputs
-    @staticmethod
-    def _matches_msg(loop: LoopRecord | None, header: Header, frame0: str, frame1: str) -> Matches:
-        msg = Matches(header=header, frame_id0=frame0, frame_id1=frame1)
-        if loop is not None and loop.points_query is not None:
-            msg.id0, msg.id1 = max(int(loop.query_id), 0), int(loop.match_id)
-            msg.points0 = np.ascontiguousarray(loop.points_query, np.float32).ravel()
-            msg.points1 = np.ascontiguousarray(loop.points_match, np.float32).ravel()
-            msg.scores = np.ascontiguousarray(loop.match_scores, np.float32)
-            msg.inliers = [bool(v) for v in loop.inlier_mask]
-        return msg
-
     def _publish_debug_image(self, query: np.ndarray | tuple[np.ndarray, float] | None, loop: LoopRecord,
                              header: Header) -> None:
         """Query (full image, or a cached (thumbnail, scale)) next to the match keyframe's cached thumbnail."""
@@ -574,126 +559,45 @@ class RelocalizationNode(Node):
                                      f"inliers: {loop.reason}"[:80])
         self.debug_image_pub.publish(conv.numpy_to_image(canvas, "rgb8", header))
 
+    def _publish_markers(self) -> None:
+        if self.markers_pub.get_subscription_count() == 0:
+            return
+        with self._engine_lock:
+            positions = {k.id: k.T_map_camera[:3, 3].copy() for k in self.engine.database.keyframes
+                         if k.T_map_camera is not None}
+            loops = list(self._accepted_loops)
+        self.markers_pub.publish(map_markers(positions, loops, self.map_frame, self.get_clock().now().to_msg()))
+
+    def _check_camera_stall(self) -> None:
+        stalled = self._param("relocalize_on_image") and self.camera.stalled(self._stall_s)
+        if stalled and not self._stalled:
+            self._count("images.stalled")
+        if stalled:
+            self.health.event("images.stalled")
+            self._warn("images_stalled", f"camera_info arrives but no image has for {self._stall_s:g} s: with "
+                       "image_qos=sensor_data, large best-effort images are often lost by DDS (set "
+                       "image_qos:=reliable for a reliable publisher), or the image topic is wrong")
+        self._stalled = stalled
+
     def _publish_diagnostics(self) -> None:
+        self._check_camera_stall()
         counters = self.counters()
         latency = self._latency.summary()
-        status = DiagnosticStatus(name=f"{self.get_name()}: relocalization", hardware_id=str(self.engine.pipeline.device))
-        dropped = sum(v for k, v in counters.items() if k.startswith("dropped."))
-        rejected = sum(v for k, v in counters.items() if k.startswith("rejected."))
+        queue = self._queue.sizes()
         keyframes = len(self.engine.database)
-        status.level = DiagnosticStatus.OK
-        status.message = (f"{keyframes} keyframes in the map; {counters.get('loop_closures.accepted', 0)} loops; "
-                          f"{dropped} dropped; {rejected} rejected inputs")
-        if counters.get("errors") or counters.get("map.load_failed"):
-            status.level = DiagnosticStatus.ERROR
-            status.message = (f"{counters.get('errors', 0)} processing errors, {counters.get('map.load_failed', 0)} "
-                              f"failed map loads; " + status.message)
-        elif dropped or rejected:
-            status.level = DiagnosticStatus.WARN
-        values = [KeyValue(key="preset", value=self.preset), KeyValue(key="map_keyframes", value=str(keyframes))]
-        values += [KeyValue(key=key, value=str(value)) for key, value in sorted(counters.items())]
+        concerns = [self.health.map_concern(keyframes), self.health.inputs_concern(),
+                    self.health.processing_concern(queue["map"], self._backlog_warn)]
+        summary = self.health.summary(concerns, f"{keyframes} keyframes in the map; "
+                                                f"{counters.get('loop_closures.accepted', 0)} loops accepted")
+        values = {"preset": self.preset, "map_keyframes": str(keyframes), "camera_sync": self.camera.synchroniser}
+        values |= {key: str(value) for key, value in sorted(counters.items())}
         for stage, stats in sorted(latency.items()):
-            values += [KeyValue(key=f"latency_ms.{stage}.{name}", value=f"{value:.2f}") for name, value in stats.items()]
-        with self._queue_condition:
-            values += [KeyValue(key="queue.images", value=str(len(self._image_jobs))),
-                       KeyValue(key="queue.map", value=str(len(self._map_jobs)))]
-        status.values = values
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self.diagnostics_pub.publish(array)
-
-    # ------------------------------------------------------------------ services
-    def _on_match_images(self, request: MatchImages.Request, response: MatchImages.Response) -> MatchImages.Response:
-        self._count("match_images_requests")
-        try:
-            image0 = conv.image_to_numpy(request.image0, conv.IMAGE_ENCODINGS, "image0")
-            image1 = conv.image_to_numpy(request.image1, conv.IMAGE_ENCODINGS, "image1")
-            K0 = conv.camera_matrix(request.camera_info0, image0.shape)
-            K1 = conv.camera_matrix(request.camera_info1, image1.shape)
-            depth0 = conv.depth_to_metres(request.depth0, "depth0")
-            depth1 = conv.depth_to_metres(request.depth1, "depth1")
-            start = time.perf_counter()
-            with self._engine_lock:
-                result = self.engine.pipeline.match_pair(image0, image1, K0, K1, depth0, depth1)
-            self._latency.add("match_images", (time.perf_counter() - start) * 1e3)
-        except conv.ConversionError as error:
-            self._reject(error.kind, f"match_images: {error}")
-            response.success, response.reason = False, f"{error.kind}: {error}"
-            return response
-        except (ImageError, ValueError) as error:
-            self._reject("image_error", f"match_images: {error}")
-            response.success, response.reason = False, f"image_error: {error}"
-            return response
-        points0, points1 = result.matched_points()
-        inliers = result.pose.inliers if len(result.pose.inliers) == len(result.matches) else np.zeros(
-            len(result.matches), bool)
-        response.matches = Matches(header=request.image0.header, frame_id0=request.image0.header.frame_id,
-                                   frame_id1=request.image1.header.frame_id,
-                                   points0=np.ascontiguousarray(points0, np.float32).ravel(),
-                                   points1=np.ascontiguousarray(points1, np.float32).ravel(),
-                                   scores=np.ascontiguousarray(result.scores, np.float32),
-                                   inliers=[bool(v) for v in inliers])
-        response.t_1_0 = conv.matrix_to_transform(result.pose.T_1_0)
-        response.metric_scale = bool(result.pose.metric)
-        response.information = np.asarray(result.pose.information, np.float64).ravel()
-        response.success, response.reason = bool(result.success), result.reason
-        return response
-
-    def _on_relocalize(self, request: Relocalize.Request, response: Relocalize.Response) -> Relocalize.Response:
-        self._count("relocalize_requests")
-        depth = request.depth if (request.depth.width or len(request.depth.data)) else None
-        try:
-            frame = self._frame(0, request.image.header, request.image, request.camera_info, depth, "")
-            result = self._relocalize(frame)
-        except conv.ConversionError as error:
-            self._reject(error.kind, f"relocalize: {error}")
-            response.success, response.reason = False, f"{error.kind}: {error}"
-            return response
-        except (ImageError, ValueError) as error:
-            self._reject("image_error", f"relocalize: {error}")
-            response.success, response.reason = False, f"image_error: {error}"
-            return response
-        response.success, response.reason = bool(result.success), result.reason
-        best = self._best_candidate(result)
-        if best is not None:
-            response.keyframe_id = int(best.match_id)
-            response.num_matches, response.num_inliers = int(best.num_matches), int(best.num_inliers)
-        if result.success:
-            response.pose = self._pose_msg(result, request.image.header)
-        return response
-
-    def _on_save_map(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
-        try:
-            with self._engine_lock:
-                path = self.engine.save_map(request.path)
-                count = len(self.engine.database)
-            response.success, response.message = True, f"saved {count} keyframes to {path}"
-            self._count("map.saved")
-        except (OSError, ValueError, MapFormatError) as error:
-            response.success, response.message = False, f"cannot save to {request.path!r}: {error}"
-            self._count("map.save_failed")
-            self.get_logger().error(response.message)
-        return response
-
-    def _on_load_map(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
-        try:
-            with self._engine_lock:
-                self.engine.load_map(request.path)  # all or nothing: a failed load keeps the current map
-                count = len(self.engine.database)
-                self._debug_images.clear()  # cached images belong to the previous map
-        except (MapFormatError, OSError, ValueError, KeyError) as error:
-            response.success, response.message = False, f"cannot load {request.path!r}: {error}"
-            self._count("map.load_failed")
-            self.get_logger().error(response.message)
-            return response
-        self._count("map.loaded")
-        response.success, response.message = True, f"loaded {count} keyframes from {request.path}"
-        return response
-
-
-def _stamp(stamp_ns: int):
-    from builtin_interfaces.msg import Time
-    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+            values |= {f"latency_ms.{stage}.{name}": f"{value:.2f}" for name, value in stats.items()}
+        values |= {"queue.images": str(queue["images"]), "queue.map": str(queue["map"]),
+                   "queue.map_mbytes": f"{queue['map_bytes'] / 1e6:.1f}",
+                   "queue.map_oldest_s": f"{self._queue.oldest_map_age_s():.2f}"}
+        self.diagnostics_pub.publish(diagnostic_array(self.get_name(), str(self.engine.pipeline.device), summary,
+                                                      concerns, values, self.get_clock().now().to_msg()))
 
 
 def main(args: list[str] | None = None) -> int:
@@ -704,7 +608,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
         executor.spin()

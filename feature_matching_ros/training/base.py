@@ -95,7 +95,7 @@ class Trainer:
         return bool(config.max_minutes) and self.elapsed_s > 60 * config.max_minutes
 
     def export_shards(self, folder: Path | str, stem: str) -> dict[str, str]:
-        """fp16 safetensors shards of the model (each fits the 16 MiB a GPU lease returns per file) plus
+        """fp16 safetensors shards of the model (bounded files: easy to copy, checksum and resume) plus
         ``{stem}.json`` listing them -> {file: sha256}."""
         from feature_matching_ros.weights import save_sharded_safetensors
 

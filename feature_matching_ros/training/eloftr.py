@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     max_minutes: float = 0.0
-    deadline: float = 0.0  # unix time by which training stops (GPU leases); 0 = none
+    deadline: float = 0.0  # unix time by which training stops (time-boxed runs); 0 = none
     log_every: int = 25
     max_pairs: int = 0  # use at most this many training pairs (0 = all; smoke tests)
     export: str | None = None  # fp16 safetensors shards of the final model here

@@ -21,13 +21,13 @@ the mutual-NN matches, mean corner error <= 3 / 5 px) -> ``validation.json``.
 Exact resume: every step's batch, flips and random negatives come from generators seeded with
 (seed, step), and the checkpoint holds the model, optimiser, step, curriculum p, elapsed time and RNG states.
 
-A GPU lease (pairs generated on the machine: 16 processes x 128 pairs, ~1-2 min on 16 cores; 5 minutes of
+A short run on one GPU (pairs generated first: 16 processes x 128 pairs, ~1-2 min on 16 cores; 5 minutes of
 training, time-budgeted, so the curriculum decays faster than the paper's per-step 0.9993)::
 
-    for i in $(seq 1 16); do fmr make-pairs /tmp/pairs/train_$i --n 128 --seed $i --split train & done
-    fmr make-pairs /tmp/pairs/eval --n 96 --seed 100 --split eval & wait
-    fmr train sandesc --detector orb --train /tmp/pairs/train_* --eval /tmp/pairs/eval --out /tmp/run_orb \\
-        --steps 100000 --max-minutes 5 --p-decay 0.998 --export $OUT/sandesc
+    for i in $(seq 1 16); do fmr make-pairs pairs/train_$i --n 128 --seed $i --split train & done
+    fmr make-pairs pairs/eval --n 96 --seed 100 --split eval & wait
+    fmr train sandesc --detector orb --train pairs/train_* --eval pairs/eval --out runs/sandesc_orb \\
+        --steps 100000 --max-minutes 5 --p-decay 0.998 --export results/sandesc
 """
 
 from __future__ import annotations
