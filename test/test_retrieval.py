@@ -93,6 +93,17 @@ def test_bow_score_is_dbow2_l1(vocabulary, orb_features):
     assert np.isclose(np.minimum(a, b).sum(), bow_l1_score(a, b), atol=1e-5)
 
 
+def test_keyframes_without_keypoints_are_never_candidates(orb_features, vocabulary):
+    """A keyframe that cannot verify (no keypoints: textureless, or a pose-only keyframe) takes no top-k slot."""
+    database = _database(orb_features, vocabulary, RetrievalConfig(top_k=8, exclude_recent_seconds=0,
+                                                                   exclude_recent_count=0))
+    query = vocabulary(orb_features["gravel_view"].descriptors.numpy())
+    database.add(Keyframe(99, 99_000_000_000, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8),
+                          np.zeros(0, np.float16), (320, 240), "orb", K, query))  # the query's own vector
+    ids = [c.keyframe_id for c in database.query(query)]
+    assert 99 not in ids and len(ids) == len(PHOTOS)
+
+
 def test_exclusion_windows(orb_features, vocabulary):
     # 8 keyframes 1 s apart; query at t=7.5 s for the place of keyframe 7
     config = RetrievalConfig(top_k=8, exclude_recent_seconds=3.0, exclude_recent_count=0)
@@ -114,7 +125,8 @@ def test_exclusion_windows(orb_features, vocabulary):
 def test_vlad_faiss_exclusion_and_ranking():
     """VLAD on ALIKED-free data: real ORB keypoints are binary, so use SIFT float descriptors of real photos."""
     extractor = FeatureExtractor(FeatureConfig(detector="sift", descriptor="native", max_keypoints=256, resize_max=0))
-    sets = {name: extractor(_photo(name)).descriptors.numpy() for name in PHOTOS}
+    features = {name: extractor(_photo(name)) for name in PHOTOS}
+    sets = {name: f.descriptors.numpy() for name, f in features.items()}
     views = {name: extractor(_crop_view(_photo(name), 24)).descriptors.numpy() for name in PHOTOS}
     codebook = train_vlad_codebook(list(sets.values()) + list(views.values()), "sift", clusters=8, pca_dim=0)
     assert codebook.dim == 8 * 128
@@ -123,8 +135,7 @@ def test_vlad_faiss_exclusion_and_ranking():
     for i, name in enumerate(PHOTOS):
         vector = codebook(sets[name])
         assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
-        database.add(Keyframe(i, i * 1_000_000_000, np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float16),
-                              np.zeros(0, np.float16), (320, 240), "sift", K, vector))
+        database.add(Keyframe.from_features(i, i * 1_000_000_000, features[name], K, vector))
     hits = sum(database.query(codebook(views[name]))[0].keyframe_id == i for i, name in enumerate(PHOTOS))
     assert hits >= len(PHOTOS) - 1
     ids = [c.keyframe_id for c in database.query(codebook(views["gravel"]), query_stamp_ns=7_000_000_000)]

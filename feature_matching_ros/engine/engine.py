@@ -324,11 +324,12 @@ class LoopClosureEngine:
         loops = self._verify(keyframe, features, candidates, timing)
         self._reject_ambiguous(loops)
         self._apply_temporal_consistency(loops)
-        accepted = sorted((c for c in loops if c.accepted), key=lambda c: -c.num_inliers)
+        # A metric constraint (full information) serves the backend better than a monocular one at the same place.
+        accepted = sorted((c for c in loops if c.accepted), key=lambda c: (not c.metric, -c.num_inliers))
         for extra in accepted[self.config.max_loops_per_keyframe:]:
             extra.accepted = False
-            extra.reason = f"another candidate of this keyframe has more inliers (max_loops_per_keyframe=" \
-                           f"{self.config.max_loops_per_keyframe})"
+            extra.reason = f"another candidate of this keyframe has more inliers or metric scale " \
+                           f"(max_loops_per_keyframe={self.config.max_loops_per_keyframe})"
         self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c.T_match_query)
                                             for c in accepted[:self.config.max_loops_per_keyframe] if c.metric]
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok", timing)
