@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "feature_matching_ros.commands.match",
     "feature_matching_ros.commands.export_weights",
     "feature_matching_ros.commands.make_sequence",
+    "feature_matching_ros.commands.import_sequence",
     "feature_matching_ros.commands.make_pairs",
     "feature_matching_ros.commands.train_codebook",
     "feature_matching_ros.commands.evaluate",

@@ -5,6 +5,10 @@ frames that look down the same long corridor; we require both, and exclude tempo
 View overlap of A in B: the fraction of A's valid depth pixels whose back-projected 3D points land
 inside B's image in front of B *and* agree with B's depth there (so occluded points do not count).
 A pair's overlap is the minimum over both directions.
+
+Real sequences without depth use the same rule with other evidence of overlap: ``covisibility_loops``
+(shared 3D points of a structure-from-motion model) and ``view_cone_loops`` (a forward-looking vehicle
+camera: close centres and nearly parallel optical axes).
 """
 
 from __future__ import annotations
@@ -81,5 +85,97 @@ def label_loops(poses: np.ndarray, depths: list[np.ndarray], K: np.ndarray, crit
             overlap_mq = view_overlap(depths[match], K, poses[match], depths[query], K, poses[query],
                                       criteria.depth_tolerance_rel, criteria.depth_tolerance_abs_m, stride)
             if overlap_mq >= criteria.min_overlap:
+                pairs.append((query, match))
+    return pairs
+
+
+@dataclass(frozen=True)
+class CovisibilityCriteria:
+    """Loop labels from a sparse reconstruction (structure from motion): two images see the same place when
+    they observe enough of the same triangulated 3D points. Without depth this is the most direct evidence
+    of view overlap: a shared point was matched in both images and survived bundle adjustment."""
+
+    min_shared_points: int = 30  # |P_A & P_B| at least this
+    min_overlap: float = 0.15  # min(|P_A & P_B| / |P_A|, |P_A & P_B| / |P_B|) at least this
+    min_index_gap: int = 20  # |i - j| >= this ...
+    min_time_gap_s: float = 10.0  # ... and |t_i - t_j| >= this: closer frames are "temporally adjacent"
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {
+            "overlap_definition": "P_X = ids of the 3D points image X observes in the structure-from-motion model; "
+            "pair overlap = |P_A & P_B| / max(|P_A|, |P_B|) (the smaller of the two directional fractions)",
+        }
+
+
+def _positions(count: int, indices: np.ndarray | None) -> np.ndarray:
+    positions = np.arange(count) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(positions) != count or np.any(np.diff(positions) <= 0):
+        raise ValueError(f"indices must be {count} increasing sequence positions")
+    return positions
+
+
+def covisibility_loops(point_ids: list[set[int] | None], stamps_s: np.ndarray, criteria: CovisibilityCriteria,
+                       indices: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """[query, match] pairs (query > match, local list positions) meeting ``criteria``.
+
+    ``point_ids``: per frame, the 3D point ids it observes (None or empty for frames the reconstruction did
+    not register: they never form loops); ``stamps_s``: (N,) frame times in seconds; ``indices``: (N,) the
+    frames' positions in the whole sequence for the ``min_index_gap`` test when these frames are a subset
+    of it (default 0..N-1).
+    """
+    stamps_s = np.asarray(stamps_s, dtype=np.float64)
+    if len(stamps_s) != len(point_ids):
+        raise ValueError(f"{len(point_ids)} frames of point ids but {len(stamps_s)} stamps")
+    positions = _positions(len(point_ids), indices)
+    pairs = []
+    for query in range(len(point_ids)):
+        seen_q = point_ids[query]
+        if not seen_q:
+            continue
+        for match in range(query):
+            seen_m = point_ids[match]
+            if (not seen_m or positions[query] - positions[match] < criteria.min_index_gap
+                    or abs(stamps_s[query] - stamps_s[match]) < criteria.min_time_gap_s):
+                continue
+            shared = len(seen_q & seen_m)
+            if shared >= criteria.min_shared_points and shared / max(len(seen_q), len(seen_m)) >= criteria.min_overlap:
+                pairs.append((query, match))
+    return pairs
+
+
+@dataclass(frozen=True)
+class ViewConeCriteria:
+    """Loop labels from ground-truth poses alone, for a camera that looks along its direction of travel
+    (a vehicle on a road): close camera centres AND optical axes within ``max_axis_angle_deg`` see the same
+    street ahead. Not valid for hand-held cameras that look sideways or turn in place."""
+
+    max_distance_m: float = 5.0
+    max_axis_angle_deg: float = 20.0
+    min_index_gap: int = 20
+    min_time_gap_s: float = 10.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"overlap_definition": "camera centres closer than max_distance_m and the angle "
+                                                      "between the two optical (z) axes below max_axis_angle_deg"}
+
+
+def view_cone_loops(poses: np.ndarray, stamps_s: np.ndarray, criteria: ViewConeCriteria,
+                    indices: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """[query, match] pairs (query > match, local list positions) meeting ``criteria``; ``poses``: (N, 4, 4)
+    T_map_camera; ``stamps_s`` and ``indices`` as in ``covisibility_loops``."""
+    poses = np.asarray(poses, dtype=np.float64)
+    stamps_s = np.asarray(stamps_s, dtype=np.float64)
+    positions = _positions(len(poses), indices)
+    centres = poses[:, :3, 3]
+    axes = poses[:, :3, 2]
+    cos_limit = np.cos(np.radians(criteria.max_axis_angle_deg))
+    pairs = []
+    for query in range(len(poses)):
+        for match in range(query):
+            if (positions[query] - positions[match] < criteria.min_index_gap
+                    or abs(stamps_s[query] - stamps_s[match]) < criteria.min_time_gap_s):
+                continue
+            if (np.linalg.norm(centres[query] - centres[match]) < criteria.max_distance_m
+                    and float(axes[query] @ axes[match]) >= cos_limit):
                 pairs.append((query, match))
     return pairs
