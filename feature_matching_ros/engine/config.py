@@ -56,13 +56,14 @@ class EngineConfig:
     # Accepted loops shorten the paths, so after the first closure the gate tightens to the drift since then,
     # as a backend's marginal covariance would. Repetitive textures verify with a pose one period away.
     odometry_gate: bool = True
-    # Defaults: a visual(-inertial) odometry within 3 % of the distance travelled and 0.5 deg per metre, which
-    # covers ORB-SLAM3-class frontends with margin; wheel odometry may need more. Monocular loops (scale unknown)
-    # are gated on rotation only.
+    # Defaults: translation within 3 % of the distance travelled (visual(-inertial) odometry of the ORB-SLAM3
+    # class, with margin), heading within 1 deg per metre (gyro-less odometry drifts in heading first; a wrong
+    # place one period over keeps the heading right, so translation is the gate that matters). Monocular loops
+    # (scale unknown) are gated on rotation only.
     max_drift_abs_m: float = 0.25
     max_drift_ratio: float = 0.03
     max_drift_abs_deg: float = 5.0
-    max_drift_deg_per_m: float = 0.5
+    max_drift_deg_per_m: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("global_descriptor", self.global_descriptor, GLOBAL_DESCRIPTORS)
