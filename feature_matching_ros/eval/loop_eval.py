@@ -272,6 +272,8 @@ def _evaluate_relocalization(engine, frames: list[EvalFrame], reachable: dict[in
         return {"skipped": "--reloc-queries 0"}
     if any(f.T_gt is None for f in frames):
         return {"skipped": "no ground-truth poses in the bag: relocalization accuracy cannot be measured"}
+    if all(f.depth is None for f in frames):
+        return {"skipped": "no depth: relocalization needs a metric pose (monocular maps cannot relocalize)"}
     engine.update_poses({f.index: f.T_gt for f in frames})  # the map's poses are ground truth here
     queries = sorted(reachable)
     if not queries:
