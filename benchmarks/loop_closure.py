@@ -1,7 +1,7 @@
 """Loop-closure precision over generated sequences: every preset at its DEFAULT thresholds, same frames.
 
-    python benchmarks/loop_closure.py [--scenes office corridor street] [--seeds 0 1] [--frames 240]
-        [--width 320 --height 240] [--keyframe-every 2] [--presets cpu orb_bow_nn orb_lightglue aliked_lightglue]
+    python benchmarks/loop_closure.py [--scenes office corridor street] [--seeds 0 3] [--frames 120]
+        [--sizes 320x240 640x480] [--keyframe-every 1] [--presets cpu orb_bow_nn orb_lightglue aliked_lightglue]
         [--work /tmp/fmr_loop_closure] [--out benchmarks/results/loop_closure.md]
 
 For each scene x seed: render the sequence (``ensure_sample_sequence``, cached in --work), run ``fmr evaluate``'s
@@ -52,19 +52,20 @@ def write_markdown(path: Path, rows: list[dict], command: str, started: float, a
     lines = ["# Loop closure on generated sequences: every preset at its default thresholds", "",
              f"Machine: {machine()}. Shared machine: other jobs ran concurrently, so ms/keyframe is an upper bound.",
              "", f"Command: `{command}`", "",
-             f"Sequences: {args.frames} frames at {args.width}x{args.height}, 10 Hz, keyframe every "
+             f"Sequences: {args.frames} frames at {' and '.join(args.sizes)}, 10 Hz, keyframe every "
              f"{args.keyframe_every} frames; depth and odometry from the bag; GT loops from loops.json with the "
              "correctness rules of feature_matching_ros/eval/loop_eval.py (wrong relative pose > 0.5 m / 5 deg "
              "is always a false positive; a correct pose beyond the GT distance counts when the views overlap).",
              "Recall: over queries with a GT loop outside the 10 s exclusion window. max R@100P: recall at the best "
              "inlier threshold with precision 1. AUC: pose error AUC@5/10/20 over accepted loops.",
              f"Wall time so far: {time.perf_counter() - started:.0f} s.", "",
-             "| sequence | preset | precision | recall | FPs | accepted | max R@100P | AUC@5/10/20 | "
-             "ATE before -> after (m) | ms/keyframe p50 |", "|" + "---|" * 10]
+             "| sequence | preset | precision | recall | FPs | accepted | retrieval R@k | max R@100P | AUC@5/10/20 | "
+             "ATE before -> after (m) | ms/keyframe p50 |", "|" + "---|" * 11]
     for row in rows:
         auc = "/".join(_cell(row[k], 1) for k in ("auc@5", "auc@10", "auc@20"))
         lines.append("| " + " | ".join((row["sequence"], row["preset"], _cell(row["precision"]), _cell(row["recall"]),
                                         str(row["false_positives"]), str(row["accepted"]),
+                                        f"{_cell(row.get('retrieval_recall'))} (k={row.get('retrieval_top_k')})",
                                         _cell(row["max_recall_at_100_precision"]), auc,
                                         f"{_cell(row['ate_before'])} -> {_cell(row['ate_after'])}",
                                         _cell(row["ms_per_keyframe_p50"], 0))) + " |")
@@ -81,11 +82,10 @@ def write_markdown(path: Path, rows: list[dict], command: str, started: float, a
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=["office", "corridor", "street"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--frames", type=int, default=240)
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--keyframe-every", type=int, default=2)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 3])
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--sizes", nargs="+", default=["320x240", "640x480"], help="WIDTHxHEIGHT per run")
+    parser.add_argument("--keyframe-every", type=int, default=1)
     parser.add_argument("--presets", nargs="+", default=["cpu", "orb_bow_nn", "orb_lightglue", "aliked_lightglue"],
                         choices=preset_names())
     parser.add_argument("--reloc-queries", type=int, default=5)
@@ -98,23 +98,25 @@ def main() -> int:
     command = "python " + " ".join(sys.argv)
     started = time.perf_counter()
     rows = []
-    for seed in args.seeds:  # seed-major: every scene appears early in an interrupted run
-        for scene in args.scenes:
-            name = f"{scene}_s{seed}"
-            directory = args.work / f"{name}_{args.frames}f_{args.width}x{args.height}"
-            report = args.work / f"report_{name}_{args.frames}f_{args.width}x{args.height}_kf{args.keyframe_every}"
-            metrics_path = report / "metrics.json"
-            metrics = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else None
-            if metrics is None or set(metrics["runs"]) != set(args.presets):
-                bag = ensure_sample_sequence(directory, scene=scene, frames=args.frames, seed=seed,
-                                             width=args.width, height=args.height)
-                metrics = evaluate_bag(bag, list(args.presets), report, SequenceTopics(), None, args.keyframe_every,
-                                       None, args.reloc_queries, args.device)
-            for row in summary_rows(metrics):
-                rows.append({"sequence": name} | row)
-                LOG.info("%s %s: precision %s recall %s FPs %d", name, row["preset"], row["precision"],
-                         row["recall"], row["false_positives"])
-            write_markdown(args.out, rows, command, started, args)
+    for size in args.sizes:
+        width, height = (int(v) for v in size.split("x"))
+        for seed in args.seeds:  # seed-major: every scene appears early in an interrupted run
+            for scene in args.scenes:
+                name = f"{scene}_s{seed}_{width}x{height}"
+                directory = args.work / f"{scene}_s{seed}_{args.frames}f_{width}x{height}"
+                report = args.work / f"report_{scene}_s{seed}_{args.frames}f_{width}x{height}_kf{args.keyframe_every}"
+                metrics_path = report / "metrics.json"
+                metrics = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else None
+                if metrics is None or set(metrics["runs"]) != set(args.presets):
+                    bag = ensure_sample_sequence(directory, scene=scene, frames=args.frames, seed=seed,
+                                                 width=width, height=height)
+                    metrics = evaluate_bag(bag, list(args.presets), report, SequenceTopics(), None,
+                                           args.keyframe_every, None, args.reloc_queries, args.device)
+                for row in summary_rows(metrics):
+                    rows.append({"sequence": name} | row)
+                    LOG.info("%s %s: precision %s recall %s FPs %d", name, row["preset"], row["precision"],
+                             row["recall"], row["false_positives"])
+                write_markdown(args.out, rows, command, started, args)
     print(args.out)
     return 0
 

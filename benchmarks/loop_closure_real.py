@@ -9,7 +9,8 @@ For each sequence of the split, ``fmr evaluate``'s ``evaluate_bag`` runs every p
 the table gets, per preset: precision, recall, false positives (a wrong relative pose is always false), retrieval
 recall@k (is a GT loop among the candidates the engine verified), max recall at 100 % precision (inlier-count
 sweep), ATE before/after the pose graph (when the sequence has odometry) and ms per keyframe (p50).
-``--monocular`` ignores depth (essential-matrix loops). Nothing is tuned here: presets.py's defaults.
+``--monocular`` ignores depth (essential-matrix loops), ``--no-odometry`` the odometry (no gate, no pose graph):
+together they are a camera-only bag. Nothing is tuned here: presets.py's defaults.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> int:
     parser.add_argument("--presets", nargs="+", default=["cpu", "orb_bow_nn"], choices=preset_names())
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--monocular", action="store_true", help="ignore depth (essential-matrix loops)")
+    parser.add_argument("--no-odometry", action="store_true", help="ignore odometry (no gate, no pose graph)")
     parser.add_argument("--reloc-queries", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fmr_loop_closure_real"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loop_closure_real.md"))
@@ -83,7 +85,9 @@ def main() -> int:
             continue
         if args.split != "all" and meta.get("split") != args.split:
             continue
-        topics = SequenceTopics(depth="" if args.monocular else SequenceTopics().depth)
+        defaults = SequenceTopics()
+        topics = SequenceTopics(depth="" if args.monocular else defaults.depth,
+                                odometry="" if args.no_odometry else defaults.odometry)
         report = args.work / directory.name
         metrics = evaluate_bag(directory / "bag", list(args.presets), report, topics, directory / "loops.json",
                                1, None, args.reloc_queries, args.device)
