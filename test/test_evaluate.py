@@ -54,6 +54,9 @@ def test_evaluate_a_camera_only_bag_with_gt_loops_file(small_sequence, tmp_path)
                 "pose_error", "correctness"):
         assert key in loop
     assert loop["pose_error"]["count"] == 0  # no GT poses: no pose errors
+    retrieval = metrics["retrieval"]
+    assert retrieval["queries"] == loop["queries_with_reachable_gt_loop"] > 0
+    assert 0.0 <= retrieval["recall@1"] <= retrieval[f"recall@{retrieval['top_k']}"] <= 1.0
     assert metrics["latency_ms"]["total"]["count"] == metrics["keyframes"] == 70
     verdicts = [json.loads(line) for line in (report / "keyframes_orb_bow_nn.jsonl").read_text().splitlines()]
     candidates = [c for v in verdicts for c in v["candidates"]]
@@ -144,3 +147,19 @@ def test_inlier_coverage_and_depth_agreement():
     shifted[2, 3] += 2.0  # a pose two metres off along the optical axis predicts the wrong depths
     assert depth_agreement(spread, depth_query, depth_match, K, shifted, 0.1, 0.1) < 0.2
     assert depth_agreement(spread, None, depth_match, K, T_match_query, 0.1, 0.1) is None
+
+
+def test_retrieval_recall_counts_a_gt_match_among_the_first_k_candidates():
+    from feature_matching_ros.engine.records import KeyframeResult
+    from feature_matching_ros.eval.loop_detection import retrieval_recall
+
+    def candidate(query: int, match: int, rank: int) -> LoopClosure:
+        return LoopClosure(query, match, 0, 0, False, "test", retrieval_rank=rank)
+
+    results = [KeyframeResult(10, 0, [candidate(10, 3, 0), candidate(10, 7, 1)], "ok"),   # GT first
+               KeyframeResult(11, 0, [candidate(11, 9, 0), candidate(11, 4, 2)], "ok"),   # GT third
+               KeyframeResult(12, 0, [candidate(12, 9, 0)], "ok"),                        # GT never retrieved
+               KeyframeResult(13, 0, [candidate(13, 1, 0)], "ok")]                        # no reachable GT loop
+    recall = retrieval_recall(results, {10: {3}, 11: {4, 5}, 12: {6}}, top_k=3)
+    assert recall["queries"] == 3
+    assert recall["recall@1"] == pytest.approx(1 / 3) and recall["recall@3"] == pytest.approx(2 / 3)

@@ -143,7 +143,8 @@ def write_report(runs: dict[str, dict[str, Any]], header: dict[str, Any], report
     plot_latency(clean_runs, report_dir / "latency.png")
     plots |= {"pr_curve": "pr_curve.png", "latency": "latency.png"}
     primary = next(iter(clean_runs.values()))
-    out = header | {"loop": primary["loop"], "relocalization": primary["relocalization"],
+    out = header | {"loop": primary["loop"], "retrieval": primary.get("retrieval"),
+                    "relocalization": primary["relocalization"],
                     "trajectory": primary["trajectory"], "latency_ms": primary["latency_ms"],
                     "preset": primary["preset"], "runs": clean_runs, "plots": plots}
     tmp = report_dir / ".metrics.json.tmp"
