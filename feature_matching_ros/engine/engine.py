@@ -15,9 +15,25 @@ rather than keypoint indices; verification and every check run on the same :clas
 Monocular scale: without depth the pose is an essential matrix (rotation + unit translation, ``metric=False``);
 the constraint says "scale unknown" (information zero along t). Relocalization needs a metric pose.
 
-Precision first: a false loop closure corrupts the map, so every candidate gets a reason when rejected.
-Information matrices are ordered (tx, ty, tz, rx, ry, rz) for a LEFT perturbation
-T_match_query <- exp([v, w]) T_match_query (perturbation expressed in the match keyframe's frame).
+Precision first: a false loop closure corrupts the map, so every candidate gets a reason when rejected, and
+acceptance stacks checks that scale with what the pair can show rather than per-dataset thresholds
+(defaults in EngineConfig; the same for every sequence, camera and image size):
+  1. support: inliers >= max(min_inliers, min_inlier_fraction x the smaller keypoint count) and inlier ratio
+     >= min_inlier_ratio; inliers spread over >= min_inlier_coverage of a 4x4 grid in BOTH images;
+  2. geometry (RGB-D / depth): median PnP residual at the noise level, the inliers' predicted depths agree
+     with the measured ones, and so does the whole scene (every query keypoint with depth lands at the depth
+     the match keyframe sees there);
+  3. odometry gate along the keyframe graph (engine/keyframe_graph.py): the loop may disagree with the
+     backend's poses by at most the drift it could have accumulated along the shortest path (abs + ratio x
+     path length; heading only for monocular loops), so a place one period over is refused even when its
+     rotation is right;
+  4. ambiguity: two candidates at different places verifying nearly as well reject each other;
+  5. consistency (ORB-SLAM style): the previous temporal_consistency - 1 keyframes must also verify a keyframe
+     near the match; keyframes whose own retrieval missed that place are verified against it on the spot, so
+     the loop is accepted when first seen and one look-alike pair can never close a loop.
+Relocalization runs checks 1, 2 and 4 (a lost camera has no odometry to compare with) and needs a metric pose.
+Monocular pairs that a homography explains (low parallax, planes) get the homography's pose instead of being
+refused (geometry/pose.py).
 """
 
 from __future__ import annotations
