@@ -143,17 +143,23 @@ def orientation_patch(patch_size: int = ORB_PATCH_SIZE) -> tuple[np.ndarray, np.
     return np.array(dx), np.array(dy)
 
 
+@lru_cache(maxsize=16)
+def _orientation_kernel(row_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat offsets (P,) of the orientation patch in an image of rows of ``row_length`` and its (P, 2)
+    (dx, dy) weights, cached per device: copying them from the host in the hot path would synchronise."""
+    dx, dy = orientation_patch()
+    weights = torch.as_tensor(np.stack([dx, dy], axis=1), dtype=torch.float32)
+    return torch.as_tensor(dy * row_length + dx).to(device), weights.to(device)
+
+
 def intensity_centroid_angles(gray: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """ORB orientation in radians, [0, 2 pi), at ``(..., 2)`` integer pixel positions of ``(H, W)`` gray.
 
     The angle of the patch's first moments (m10, m01) around the keypoint, x right y down. Positions must
     be at least ``ORB_PATCH_SIZE // 2`` from the border (ORB's edge threshold guarantees it).
     """
-    dx, dy = orientation_patch()
-    width = gray.shape[1]
-    offsets = torch.as_tensor(dy * width + dx, device=gray.device)
-    weights = torch.as_tensor(np.stack([dx, dy], axis=1), dtype=torch.float32, device=gray.device)  # (P, 2)
-    centre = xy[..., 1].long() * width + xy[..., 0].long()
+    offsets, weights = _orientation_kernel(gray.shape[1], gray.device)
+    centre = xy[..., 1].long() * gray.shape[1] + xy[..., 0].long()
     patches = gray.reshape(-1)[(centre[..., None] + offsets).clamp(0, gray.numel() - 1)].float()
     moments = patches @ weights  # (..., 2) = (m10, m01), exact: integer sums below 2^24
     return torch.remainder(torch.atan2(moments[..., 1], moments[..., 0]), 2 * math.pi)
@@ -168,9 +174,8 @@ def _retain_by_fast_score(scores: torch.Tensor, corners: torch.Tensor, counts: t
     histogram = torch.zeros(256, dtype=torch.int32, device=scores.device)
     histogram.scatter_add_(0, values, corners.reshape(-1).int())
     at_least = histogram.flip(0).cumsum(0).flip(0)  # corners scoring >= s, for s = 0..255
-    needed = torch.as_tensor(counts, device=scores.device)
-    # The largest s with at least ``needed`` corners scoring >= s; -1 (keep all) when there are fewer.
-    floor = (at_least[None, :] >= needed[:, None]).sum(1) - 1
+    # The largest s with at least ``count`` corners scoring >= s; -1 (keep all) when there are fewer.
+    floor = torch.stack([(at_least >= count).sum() - 1 for count in counts])
     return corners[None] & (scores[None] >= floor[:, None, None])
 
 

@@ -12,19 +12,23 @@ responses of neighbouring corners can differ by less than float32 resolution).
 
 from __future__ import annotations
 
-import math
+from functools import lru_cache
 
 import torch
 
 GRID_CELLS = (8, 6)  # columns x rows of the spreading grid for ORB single-scale
 
 
-def disk_offsets(radius: int) -> torch.Tensor:
-    """(P, 2) integer (dx, dy) with dx^2 + dy^2 < radius^2: the open disk NMS compares a candidate with."""
+@lru_cache(maxsize=16)
+def _disk_offsets(radius: int, row_length: int, device: torch.device) -> torch.Tensor:
+    """(P,) flat offsets, in an image of rows of ``row_length``, of the open disk dx^2 + dy^2 < radius^2.
+
+    Cached per device: copying a constant from the host in the hot path would synchronise the stream.
+    """
     span = torch.arange(-radius + 1, radius)
     dy, dx = torch.meshgrid(span, span, indexing="ij")
     inside = dx * dx + dy * dy < radius * radius
-    return torch.stack([dx[inside], dy[inside]], dim=1)
+    return (dy[inside] * row_length + dx[inside]).to(device)
 
 
 _MAX_GATHERED = 1 << 22  # disk lookups per chunk: bounds memory for large radii and candidate counts
@@ -55,8 +59,7 @@ def suppress_non_maxima(xy: torch.Tensor, valid: torch.Tensor, radius: int, size
     rank = torch.where(valid, rank, torch.zeros_like(rank))
     rank_image = torch.zeros(batch, (height + 2 * radius) * padded_width, device=xy.device, dtype=torch.float32)
     rank_image.scatter_reduce_(1, pixel, rank, reduce="amax")
-    offsets = disk_offsets(radius).to(xy.device)
-    offsets = offsets[:, 1] * padded_width + offsets[:, 0]
+    offsets = _disk_offsets(radius, padded_width, xy.device)
     strongest_near = torch.zeros_like(rank)
     chunk = max(1, _MAX_GATHERED // max(batch * count, 1))
     for start in range(0, len(offsets), chunk):
