@@ -200,7 +200,9 @@ class OrbTorch:
         if device.type != "cuda":
             keypoints = self.keypoints(torch.from_numpy(image.gray), max_keypoints)
         else:
-            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            stream = self._streams[device]
             with torch.cuda.stream(stream):
                 gray = torch.from_numpy(image.gray).to(device)  # uploaded on this stream: no wait for others
                 keypoints = self.keypoints(gray, max_keypoints)  # ends by synchronising this stream only
