@@ -94,6 +94,8 @@ def machine(device: torch.device) -> str:
            f"OpenCV {cv2.__version__}"
     if device.type == "cuda":
         text += f", {torch.cuda.get_device_name(device)}"
+    if hasattr(os, "getloadavg"):
+        text += f"; load average {os.getloadavg()[0]:.1f} at the end of the run (other processes share the cores)"
     return text
 
 

@@ -82,17 +82,19 @@ def suppress_non_maxima(xy: torch.Tensor, valid: torch.Tensor, radius: int, size
     rank = torch.arange(count, 0, -1, device=xy.device, dtype=torch.float32).expand(batch, count)
     rank = torch.where(valid, rank, torch.zeros_like(rank))
     rank_image = _zeroed_rank_image(batch, (height + 2 * radius) * padded_width, xy.device)
-    rank_image.scatter_reduce_(1, pixel, rank, reduce="amax")
     offsets = _disk_offsets(radius, padded_width, xy.device)
     strongest_near = torch.zeros_like(rank)
     lookups = _LOOKUPS_PER_STEP.get(xy.device.type, _LOOKUPS_PER_STEP_DEFAULT)
     step = max(1, lookups // max(batch * count, 1))
-    for start in range(0, len(offsets), step):
-        lookup = (pixel[..., None] + offsets[start:start + step]).view(batch, -1)
-        nearby = rank_image.gather(1, lookup).view(batch, count, -1).amax(dim=2)
-        strongest_near = torch.maximum(strongest_near, nearby)
-    if xy.device.type == "cpu":
-        rank_image.scatter_(1, pixel, 0.0)  # back to zeros for the next call
+    try:
+        rank_image.scatter_reduce_(1, pixel, rank, reduce="amax")
+        for start in range(0, len(offsets), step):
+            lookup = (pixel[..., None] + offsets[start:start + step]).view(batch, -1)
+            nearby = rank_image.gather(1, lookup).view(batch, count, -1).amax(dim=2)
+            strongest_near = torch.maximum(strongest_near, nearby)
+    finally:
+        if xy.device.type == "cpu":
+            rank_image.scatter_(1, pixel, 0.0)  # back to zeros for the next call
     return valid & (rank >= strongest_near)
 
 
