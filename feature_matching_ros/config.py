@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DETECTORS = ("orb", "orb_multiscale", "sift", "aliked", "disk", "xfeat")
+# Where ORB single-scale keypoints are computed: OpenCV on the host, or torch on the pipeline's device
+# (features/orb_torch.py, same keypoints); auto = torch on CUDA, where it runs beside the descriptor network.
+ORB_BACKENDS = ("auto", "opencv", "torch")
 DESCRIPTORS = ("native", "aliked", "disk", "sandesc")  # sandesc: our trained SANDESC, weights per detector
 MATCHERS = ("lightglue", "nn", "eloftr", "loftr")
 # Detector-free matchers take the two images, not keypoints: they return matched pixel pairs directly.
@@ -46,9 +49,11 @@ class FeatureConfig:
     max_keypoints: int = 1024
     nms_radius: int = 4  # px; minimum distance between two ORB single-scale keypoints
     resize_max: int = 1024  # longest image side fed to the networks; 0 keeps the input size
+    orb_backend: str = "auto"  # detector=orb: opencv, torch or auto (torch on CUDA); see ORB_BACKENDS
 
     def __post_init__(self) -> None:
         _check_choice("detector", self.detector, DETECTORS)
+        _check_choice("orb_backend", self.orb_backend, ORB_BACKENDS)
         _check_choice("descriptor", self.descriptor, DESCRIPTORS)
         _check_range("max_keypoints", self.max_keypoints, 1, 100_000)
         _check_range("nms_radius", self.nms_radius, 0, 64)

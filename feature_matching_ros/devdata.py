@@ -132,3 +132,24 @@ def symmetric_epipolar_errors(pair: PosePair, points0: np.ndarray, points1: np.n
     lines1, lines0 = h0 @ F.T, h1 @ F
     numerator = np.abs(np.sum(h1 * lines1, axis=1))
     return 0.5 * numerator * (1 / np.hypot(lines1[:, 0], lines1[:, 1]) + 1 / np.hypot(lines0[:, 0], lines0[:, 1]))
+
+
+def keypoint_agreement(reference_xy: np.ndarray, xy: np.ndarray, reference_angles: np.ndarray | None = None,
+                       angles: np.ndarray | None = None, tolerance_px: float = 1.0) -> tuple[float, float]:
+    """How well keypoints ``xy`` (M, 2) reproduce ``reference_xy`` (N, 2), both pixels of one image.
+
+    Returns (repeatability, median angle difference in degrees): the fraction of reference keypoints with a
+    keypoint within ``tolerance_px``, and over those, the median absolute difference between the reference
+    orientation and its nearest keypoint's (radians in, NaN without angles or without repeated keypoints).
+    """
+    if len(reference_xy) == 0:
+        return 1.0, float("nan")
+    if len(xy) == 0:
+        return 0.0, float("nan")
+    distances = np.linalg.norm(reference_xy[:, None, :] - xy[None, :, :], axis=2)
+    nearest = distances.argmin(1)
+    repeated = distances[np.arange(len(reference_xy)), nearest] <= tolerance_px
+    if reference_angles is None or angles is None or not repeated.any():
+        return float(repeated.mean()), float("nan")
+    difference = np.angle(np.exp(1j * (reference_angles[repeated] - angles[nearest[repeated]])))
+    return float(repeated.mean()), float(np.degrees(np.median(np.abs(difference))))

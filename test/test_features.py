@@ -10,7 +10,6 @@ import torch
 
 from feature_matching_ros.config import DESCRIPTORS, DETECTORS, FeatureConfig
 from feature_matching_ros.features import FeatureExtractor
-from feature_matching_ros.features.classic import non_maximum_suppression
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +52,6 @@ def test_orb_single_scale_nms_and_spread(graf):
                                                 resize_max=0))(graf.image0).keypoints_numpy()
     crowded = np.linalg.norm(multiscale[:, None] - multiscale[None], axis=2) + np.eye(len(multiscale)) * 1e9
     assert (crowded.min(1) < 2).sum() > 10  # the pyramid stacks keypoints on the same spots
-
-
-def test_nms_keeps_strongest():
-    xy = np.array([[10.0, 10.0], [12.0, 10.0], [30.0, 30.0]])
-    scores = np.array([1.0, 2.0, 0.5])
-    assert non_maximum_suppression(xy, scores, radius=4, size=(64, 64)).tolist() == [1, 2]
 
 
 def test_resized_extraction_maps_back_to_original_pixels(graf):

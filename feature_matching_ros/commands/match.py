@@ -25,7 +25,8 @@ LOG = logging.getLogger("fmr.match")
 
 
 def register(subparsers) -> None:
-    from feature_matching_ros.config import DESCRIPTORS, DETECTORS, DEVICES, ELOFTR_MODES, MATCHERS, PRECISIONS
+    from feature_matching_ros.config import (DESCRIPTORS, DETECTORS, DEVICES, ELOFTR_MODES, MATCHERS, ORB_BACKENDS,
+                                            PRECISIONS)
 
     parser = subparsers.add_parser("match", help="match two images or a list of pairs; estimate relative pose",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--coarse-threshold", type=float, default=0.2, help="eloftr/loftr coarse match threshold")
     parser.add_argument("--max-keypoints", type=int, default=1024)
     parser.add_argument("--nms-radius", type=int, default=4, help="ORB single-scale NMS radius (px)")
+    parser.add_argument("--orb-backend", default="auto", choices=ORB_BACKENDS,
+                        help="ORB single-scale keypoints by OpenCV on the host or by torch on --device (same "
+                             "keypoints); auto: torch on CUDA")
     parser.add_argument("--resize-max", type=int, default=1024, help="longest side fed to the networks; 0 = none")
     parser.add_argument("--filter-threshold", type=float, default=0.1)
     parser.add_argument("--depth-confidence", type=float, default=0.95)
@@ -108,7 +112,7 @@ def build_config(args: argparse.Namespace):
 
     return PipelineConfig(
         features=FeatureConfig(detector=args.detector, descriptor=args.descriptor, max_keypoints=args.max_keypoints,
-                               nms_radius=args.nms_radius, resize_max=args.resize_max),
+                               nms_radius=args.nms_radius, resize_max=args.resize_max, orb_backend=args.orb_backend),
         matcher=MatcherConfig(name=args.matcher, weights=args.weights, filter_threshold=args.filter_threshold,
                               depth_confidence=args.depth_confidence, width_confidence=args.width_confidence,
                               ratio_test=args.ratio_test, eloftr_mode=args.eloftr_mode,

@@ -14,57 +14,19 @@ import numpy as np
 import torch
 
 from feature_matching_ros.features.base import Keypoints
+from feature_matching_ros.features.selection import spread_over_grid, suppress_non_maxima
 from feature_matching_ros.image import PreparedImage
 
-GRID_CELLS = (8, 6)  # columns x rows of the spreading grid for ORB single-scale
+ORB_EDGE_THRESHOLD = 31  # no corners nearer the border: room for the rotated 31-px descriptor patch
+ORB_PATCH_SIZE = 31
+ORB_FAST_THRESHOLD = 10
+ORB_CANDIDATE_FACTOR = 3  # ORB candidates per requested keypoint before NMS (x4 when NMS leaves too few)
 
 
-def non_maximum_suppression(xy: np.ndarray, scores: np.ndarray, radius: int, size: tuple[int, int]) -> np.ndarray:
-    """Indices of keypoints that are the strongest within ``radius`` pixels, sorted by descending score.
-
-    xy: (N, 2) pixel coordinates; scores: (N,); size: (W, H). A keypoint survives when its score is the
-    maximum of a disk of ``radius`` around it on a score image (a max-filter, as SuperPoint-style NMS):
-    survivors at integer pixels (ORB's single-scale FAST corners) are therefore at least ``radius`` apart.
-    One dilation replaces a per-point loop (~1 ms vs ~30 ms for 4096 candidates); ties are broken by the
-    stable sort, so survivors are strictly ranked.
-    """
-    order = np.argsort(-scores, kind="stable")
-    if radius <= 0 or len(order) == 0:
-        return order
-    width, height = size
-    cols = np.clip(np.round(xy[order, 0]).astype(np.int64), 0, width - 1)
-    rows = np.clip(np.round(xy[order, 1]).astype(np.int64), 0, height - 1)
-    # Rank instead of raw score: unique, positive (empty pixels are 0) and exact in float32, where Harris
-    # responses of neighbouring corners can differ by less than float32 resolution.
-    shifted = np.arange(len(order), 0, -1, dtype=np.float32)
-    score_image = np.zeros((height, width), dtype=np.float32)
-    first_at_pixel = np.unique(rows * width + cols, return_index=True)[1]
-    score_image[rows[first_at_pixel], cols[first_at_pixel]] = shifted[first_at_pixel]
-    offsets = np.arange(-radius, radius + 1)
-    kernel = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) < radius**2).astype(np.uint8)  # disk, d < radius
-    local_max = cv2.dilate(score_image, kernel)
-    is_first = np.zeros(len(order), dtype=bool)
-    is_first[first_at_pixel] = True
-    keep = is_first & (shifted >= local_max[rows, cols])
-    return order[keep]
-
-
-def spread_over_grid(xy: np.ndarray, scores: np.ndarray, size: tuple[int, int], count: int) -> np.ndarray:
-    """Pick ``count`` indices spread over a grid: every cell's best first, then every cell's second, ...
-
-    This keeps strong keypoints while preventing one textured region from taking the whole budget.
-    """
-    if len(xy) <= count:
-        return np.argsort(-scores, kind="stable")
-    cols, rows = GRID_CELLS
-    cell_index = (np.clip((xy[:, 1] * rows / size[1]).astype(int), 0, rows - 1) * cols
-                  + np.clip((xy[:, 0] * cols / size[0]).astype(int), 0, cols - 1))
-    order = np.lexsort((-scores, cell_index))  # by cell, strongest first within a cell
-    sorted_cells = cell_index[order]
-    first_of_cell = np.searchsorted(sorted_cells, sorted_cells, side="left")
-    rank_in_cell = np.arange(len(order)) - first_of_cell
-    selection = order[np.lexsort((-scores[order], rank_in_cell))][:count]
-    return selection[np.argsort(-scores[selection], kind="stable")]
+def single_scale_orb(nfeatures: int, fast_threshold: int = ORB_FAST_THRESHOLD):
+    """OpenCV ORB at one pyramid level with Harris ranking, as both ORB single-scale backends define it."""
+    return cv2.ORB_create(nfeatures=nfeatures, nlevels=1, edgeThreshold=ORB_EDGE_THRESHOLD, patchSize=ORB_PATCH_SIZE,
+                          fastThreshold=fast_threshold, scoreType=cv2.ORB_HARRIS_SCORE)
 
 
 def _keypoints_from_cv(cv_keypoints, descriptors: np.ndarray | None, device: torch.device) -> Keypoints:
@@ -81,11 +43,13 @@ def _keypoints_from_cv(cv_keypoints, descriptors: np.ndarray | None, device: tor
 
 
 class OrbSingleScale:
-    """ORB keypoints at one scale (nlevels=1), NMS with ``nms_radius``, spread over the image."""
+    """ORB keypoints at one scale (nlevels=1) by OpenCV on the host, NMS with ``nms_radius``, spread over the
+    image. :class:`~feature_matching_ros.features.orb_torch.OrbTorch` computes the same keypoints in torch."""
 
     name = "orb"
 
-    def __init__(self, nms_radius: int = 4, candidate_factor: int = 3, fast_threshold: int = 10) -> None:
+    def __init__(self, nms_radius: int = 4, candidate_factor: int = ORB_CANDIDATE_FACTOR,
+                 fast_threshold: int = ORB_FAST_THRESHOLD) -> None:
         self.nms_radius = nms_radius
         self.candidate_factor = candidate_factor
         self.fast_threshold = fast_threshold
@@ -94,22 +58,38 @@ class OrbSingleScale:
         # NMS removes an image- and radius-dependent share of the candidates: start with a few times the
         # budget and ask for more only when the survivors fall short (large radius, very dense corners).
         for factor in (self.candidate_factor, 4 * self.candidate_factor):
-            orb = cv2.ORB_create(nfeatures=max_keypoints * factor, nlevels=1, edgeThreshold=31, patchSize=31,
-                                 fastThreshold=self.fast_threshold, scoreType=cv2.ORB_HARRIS_SCORE)
+            orb = single_scale_orb(max_keypoints * factor, self.fast_threshold)
             candidates = orb.detect(image.gray, None)
             if not candidates:
                 return _keypoints_from_cv([], np.zeros((0, 32), np.uint8) if with_descriptors else None, image.device)
-            xy = cv2.KeyPoint_convert(candidates).astype(np.float32)
             scores = np.array([kp.response for kp in candidates], dtype=np.float32)
-            kept = non_maximum_suppression(xy, scores, self.nms_radius, image.size)
-            if len(kept) >= max_keypoints or len(candidates) < max_keypoints * factor:
+            ranked = np.argsort(-scores, kind="stable")
+            xy = torch.from_numpy(cv2.KeyPoint_convert(candidates).astype(np.float32)[ranked])[None]
+            kept = suppress_non_maxima(xy, torch.ones(1, len(ranked), dtype=torch.bool), self.nms_radius, image.size)
+            if int(kept.sum()) >= max_keypoints or len(candidates) < max_keypoints * factor:
                 break  # enough survivors, or the detector has no more corners to give
-        kept = kept[spread_over_grid(xy[kept], scores[kept], image.size, max_keypoints)]
-        selected = [candidates[i] for i in kept]
+        chosen, picked = spread_over_grid(xy, kept, image.size, max_keypoints)
+        selected = [candidates[i] for i in ranked[chosen[0][picked[0]].numpy()]]
         descriptors = None
         if with_descriptors:
             selected, descriptors = _compute_keeping_order(orb, image.gray, selected)
         return _keypoints_from_cv(selected, descriptors, image.device)
+
+
+def compute_orb_descriptors(gray: np.ndarray, keypoints: Keypoints, fast_threshold: int = ORB_FAST_THRESHOLD) -> Keypoints:
+    """``keypoints`` (ORB single-scale, on any device) with OpenCV's ORB descriptors (N, 32) uint8 computed at
+    their positions and orientations on the ``(H, W)`` uint8 ``gray``; keypoints it cannot describe are dropped."""
+    xy = keypoints.xy.cpu().numpy()
+    angles = np.rad2deg(keypoints.orientations.cpu().numpy())
+    responses = keypoints.scores.cpu().numpy()
+    cv_keypoints = [cv2.KeyPoint(float(x), float(y), float(ORB_PATCH_SIZE), float(angle), float(response), 0, index)
+                    for index, ((x, y), angle, response) in enumerate(zip(xy, angles, responses))]
+    orb = single_scale_orb(max(len(cv_keypoints), 1), fast_threshold)
+    described, descriptors = _compute_keeping_order(orb, gray, cv_keypoints)
+    index = torch.as_tensor([kp.class_id for kp in described], dtype=torch.long, device=keypoints.xy.device)
+    result = keypoints.subset(index)
+    result.descriptors = torch.as_tensor(descriptors, device=keypoints.xy.device)
+    return result
 
 
 class OrbMultiScale:

@@ -12,6 +12,7 @@ from feature_matching_ros.config import FeatureConfig
 from feature_matching_ros.features.base import Features
 from feature_matching_ros.features.classic import OrbMultiScale, OrbSingleScale, Sift
 from feature_matching_ros.features.learned import AlikedNetwork, DiskNetwork, XFeatNetwork
+from feature_matching_ros.features.orb_torch import OrbTorch
 from feature_matching_ros.image import prepare_image
 
 
@@ -54,7 +55,10 @@ class FeatureExtractor:
 
     def _build_detector(self, name: str):
         if name == "orb":
-            return OrbSingleScale(nms_radius=self.config.nms_radius)
+            backend = self.config.orb_backend
+            if backend == "auto":
+                backend = "torch" if self.device.type == "cuda" else "opencv"
+            return (OrbTorch if backend == "torch" else OrbSingleScale)(nms_radius=self.config.nms_radius)
         if name == "orb_multiscale":
             return OrbMultiScale()
         if name == "sift":

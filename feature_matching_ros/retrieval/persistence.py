@@ -256,10 +256,15 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
     return manifest
 
 
+# Settings that choose HOW features are computed, not WHICH: the backends give identical keypoints.
+_IMPLEMENTATION_KEYS = frozenset({"orb_backend"})
+
+
 def check_compatible(manifest: dict[str, Any], feature_config: dict[str, Any]) -> None:
     """Refuse a map whose features were extracted differently from the running pipeline."""
     stored = manifest.get("feature_config", {})
-    differing = sorted(k for k in set(stored) | set(feature_config) if stored.get(k) != feature_config.get(k))
+    differing = sorted(k for k in set(stored) | set(feature_config)
+                       if k not in _IMPLEMENTATION_KEYS and stored.get(k) != feature_config.get(k))
     if differing:
         details = ", ".join(f"{k}: map={stored.get(k)!r} pipeline={feature_config.get(k)!r}" for k in differing)
         raise MapFormatError(f"map was built with a different feature config ({details}); rebuild the map or "

@@ -50,6 +50,7 @@ _ALLOWED: dict[str, str] = {
     "pipeline.precision": ", ".join(core_config.PRECISIONS),
     "pipeline.features.detector": ", ".join(core_config.DETECTORS),
     "pipeline.features.descriptor": ", ".join(core_config.DESCRIPTORS),
+    "pipeline.features.orb_backend": ", ".join(core_config.ORB_BACKENDS),
     "pipeline.matcher.name": ", ".join(core_config.MATCHERS),
     "pipeline.matcher.weights": "lightglue: default, official, agnostic; eloftr: default or a checkpoint path; "
                                 "loftr: a checkpoint path",

@@ -188,8 +188,9 @@ class Detector:
         from feature_matching_ros.training.data import CPU_DETECTORS
 
         precision = "fp16" if device.type == "cuda" else "fp32"
+        # CPU detectors run on the host here (images prepared on the CPU), ORB by OpenCV.
         config = FeatureConfig(detector=name, descriptor="native", max_keypoints=max_keypoints,
-                               nms_radius=nms_radius, resize_max=0)
+                               nms_radius=nms_radius, resize_max=0, orb_backend="opencv")
         self.extractor = FeatureExtractor(config, device, precision)
         self.max_keypoints = max_keypoints
         self.on_cpu = name in CPU_DETECTORS
