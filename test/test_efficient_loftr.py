@@ -273,7 +273,8 @@ def test_output_contract(model, images, output):
 
 def test_reparameterize_same_outputs(model, images, output):
     """Measured: 1/8 backbone features within 1.4e-4 (values up to 25), sim_matrix within 6e-4 (up to 177),
-    conf_matrix within 4e-5, stage-2 offsets within 3e-7 px; same coarse matches and stage-1 pixels."""
+    conf_matrix within 4e-5 (1.7e-4 seen with another thread count: folded BN reassociates fp32 sums), stage-2
+    offsets within 3e-7 px; same coarse matches and stage-1 pixels."""
     deployed = copy.deepcopy(model)
     deployed.reparameterize()
     keys = deployed.state_dict().keys()
@@ -281,7 +282,7 @@ def test_reparameterize_same_outputs(model, images, output):
     with torch.no_grad():
         out = deployed(*images)
     torch.testing.assert_close(out["sim_matrix"], output["sim_matrix"], atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(out["conf_matrix"], output["conf_matrix"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["conf_matrix"], output["conf_matrix"], atol=5e-4, rtol=0)
     for key in ("i_ids", "j_ids", "fine_idx0", "fine_idx1"):
         assert torch.equal(out[key], output[key]), key
     torch.testing.assert_close(out["keypoints1"], output["keypoints1"], atol=1e-4, rtol=0)
