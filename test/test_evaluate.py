@@ -54,9 +54,8 @@ def test_evaluate_a_camera_only_bag_with_gt_loops_file(small_sequence, tmp_path)
                 "pose_error", "correctness"):
         assert key in loop
     assert loop["pose_error"]["count"] == 0  # no GT poses: no pose errors
-    retrieval = metrics["retrieval"]
-    assert retrieval["queries"] == loop["queries_with_reachable_gt_loop"] > 0
-    assert 0.0 <= retrieval["recall@1"] <= retrieval[f"recall@{retrieval['top_k']}"] <= 1.0
+    retrieval = metrics["retrieval"]  # this short sequence has no GT loop outside the 10 s exclusion window
+    assert retrieval["queries"] == loop["queries_with_reachable_gt_loop"] == 0 and retrieval["recall@1"] is None
     assert metrics["latency_ms"]["total"]["count"] == metrics["keyframes"] == 70
     verdicts = [json.loads(line) for line in (report / "keyframes_orb_bow_nn.jsonl").read_text().splitlines()]
     candidates = [c for v in verdicts for c in v["candidates"]]
