@@ -12,8 +12,11 @@ Matchers that match pixels (Efficient LoFTR, LoFTR; ``pipeline.needs_images``): 
 retrieval, keyframes keep their gray image (and depth image), and the matcher's correspondences are pixels
 rather than keypoint indices; verification and every check run on the same :class:`Correspondences`.
 
-Monocular scale: without depth the pose is an essential matrix (rotation + unit translation, ``metric=False``);
-the constraint says "scale unknown" (information zero along t). Relocalization needs a metric pose.
+Monocular scale: without depth, keyframes that carry the backend's map points (``map_points``: a monocular
+SLAM's sparse 3D, in its own drifting units) are verified by a Sim3 between the two keyframes' points
+(``method="sim3"``, ``LoopClosure.scale``, ``metric=False``); without them the pose is an essential matrix
+(rotation + unit translation, ``metric=False``) whose information is zero along t: "scale unknown".
+Relocalization needs a metric pose.
 
 Precision first: a false loop closure corrupts the map, so every candidate gets a reason when rejected.
 Information matrices are ordered (tx, ty, tz, rx, ry, rz) for a LEFT perturbation
@@ -42,7 +45,7 @@ from feature_matching_ros.geometry.pose import check_intrinsics
 from feature_matching_ros.geometry.se3 import adjoint, inverse, rotation_angle_deg
 from feature_matching_ros.image import gray_uint8
 from feature_matching_ros.matchers.base import Correspondences, View
-from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase
+from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase, MapPoints
 from feature_matching_ros.retrieval.global_descriptors import (BinaryVocabulary, CodebookError, VladCodebook,
                                                                default_codebook_path, load_codebook, sha256_file)
 from feature_matching_ros.retrieval.persistence import MapFormatError
@@ -96,9 +99,12 @@ class LoopClosureEngine:
 
     # -------------------------------------------------------------------- keyframes
     def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
-                 T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None
+                 T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
+                 map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None
                  ) -> tuple[Keyframe, Features, dict[str, float]]:
-        """Extract features and the global descriptor of an image; returns (keyframe, device features, timing)."""
+        """Extract features and the global descriptor of an image; returns (keyframe, device features, timing).
+        ``map_points``: the backend's sparse 3D for this keyframe, a :class:`MapPoints` or ((P, 2) keypoint
+        pixels, (P, 3) camera-frame points in backend units)."""
         K = check_intrinsics(K)
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -117,14 +123,19 @@ class LoopClosureEngine:
             keyframe.image = gray_uint8(image)
             if depth is not None and self.config.store_depth:
                 keyframe.depth_image = np.asarray(depth, np.float32).astype(np.float16)
+        if map_points is not None:
+            keyframe.map_points = (map_points if isinstance(map_points, MapPoints)
+                                   else MapPoints.from_backend(*map_points))
         return keyframe, features, timing
 
     def process_keyframe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
                          T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
-                         exclude_ids: set[int] | None = None, insert: bool = True) -> KeyframeResult:
-        """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip."""
+                         exclude_ids: set[int] | None = None, insert: bool = True,
+                         map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None) -> KeyframeResult:
+        """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip;
+        ``map_points``: the backend's sparse 3D of the keyframe (see ``describe``; monocular Sim3 loops)."""
         start_total = time.perf_counter()
-        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth)
+        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth, map_points)
         result = self.detect_loops(keyframe, features, exclude_ids, timing)
         if insert:
             self.insert(keyframe)
@@ -211,10 +222,14 @@ class LoopClosureEngine:
         for rank, (candidate, match_kf, correspondences) in enumerate(zip(candidates, stored, pairs)):
             depth_query = keyframe.depth_at(correspondences.points0, correspondences.index0)
             depth_match = match_kf.depth_at(correspondences.points1, correspondences.index1)
-            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config)
+            radius = pose_config.map_point_radius_px
+            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config,
+                               keyframe.points3d_at(correspondences.points0, radius),
+                               match_kf.points3d_at(correspondences.points1, radius))
             loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
-                               pose.T_1_0, 1.0, pose.metric, pose.information, len(correspondences),
-                               pose.num_inliers, candidate.score, rank, pose.method, pose.success)
+                               pose.T_1_0, pose.scale, pose.metric, pose.information, len(correspondences),
+                               pose.num_inliers, candidate.score, rank, pose.method, pose.success,
+                               median_residual_px=pose.median_residual_px, information_sim3=pose.information_sim3)
             if pose.success:
                 loop.points_query, loop.points_match = correspondences.points0, correspondences.points1
                 loop.match_scores = np.asarray(correspondences.scores, np.float32)

@@ -35,7 +35,12 @@ class RelativePose:
     inliers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (M,) over the matches
     information: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
     metric: bool = False  # True when t has metric scale (PnP with depth)
-    method: str = "none"  # "essential" | "pnp" | "none"
+    method: str = "none"  # "essential" | "pnp" | "sim3" | "none"
+    # Sim3 (geometry/sim3.py): X_1 = scale R X_0 + t, t in side 1's units; 1.0 for rigid poses. information_sim3:
+    # 7x7 over (tx, ty, tz, rx, ry, rz, log-scale), left perturbation; None unless method == "sim3".
+    scale: float = 1.0
+    information_sim3: np.ndarray | None = None
+    median_residual_px: float | None = None  # median inlier reprojection error (set by Sim3)
 
     @property
     def num_inliers(self) -> int:
@@ -217,6 +222,8 @@ def invert_relative_pose(pose: RelativePose) -> RelativePose:
     if not pose.success:
         return pose
     inverse_T, information = invert_information(pose.T_1_0, pose.information)
+    if pose.method == "sim3":
+        raise ValueError("invert_relative_pose inverts rigid poses; invert a Sim3 with its scale")
     return RelativePose(pose.success, pose.reason, inverse_T[:3, :3], inverse_T[:3, 3], pose.inliers, information,
                         pose.metric, pose.method)
 
