@@ -55,18 +55,20 @@ def _check_point_sets(source: np.ndarray, target: np.ndarray, weights: np.ndarra
     return source, target, weights / weights.sum()
 
 
-def umeyama(source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None, with_scale: bool = True
-            ) -> tuple[float, np.ndarray, np.ndarray]:
+def umeyama(source: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None, with_scale: bool = True,
+            allow_collinear: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
     """Closed-form least-squares similarity (Umeyama 1991): (s, R, t) minimising
     sum_i w_i |target_i - (s R source_i + t)|^2 for (N, 3) point sets and optional (N,) weights >= 0.
 
     ``with_scale=False`` fixes s = 1 (rigid, Kabsch). Raises :class:`DegenerateSim3Error` for fewer than 3 pairs,
     non-finite points, or a source or target set that is a single point or a line (rotation about it undefined).
+    ``allow_collinear=True`` returns one of the equally good rotations instead (trajectory alignment for ATE,
+    where a straight drive is legitimate and any such rotation gives the same errors).
     """
     source, target, weights = _check_point_sets(source, target, weights)
     mean_source, mean_target = weights @ source, weights @ target
     centred_source, centred_target = source - mean_source, target - mean_target
-    for name, centred in (("source", centred_source), ("target", centred_target)):
+    for name, centred in (() if allow_collinear else (("source", centred_source), ("target", centred_target))):
         spread = np.linalg.svd(centred * np.sqrt(weights)[:, None], compute_uv=False)
         if spread[0] <= 1e-12 * max(1.0, np.abs(source).max()):
             raise DegenerateSim3Error(f"{name} points coincide: no rotation or scale is defined")
