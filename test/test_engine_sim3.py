@@ -137,3 +137,23 @@ def test_map_points_association_and_bad_input():
         MapPoints.from_backend(np.zeros((3, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="3 map point pixels but 2"):
         MapPoints.from_backend(np.zeros((3, 2)), np.zeros((2, 3)))
+
+
+def test_odometry_gate_checks_sim3_loops_up_to_the_scale_drift_they_measure(pipeline, motorcycle):
+    """The backend's poses are in its drifting units: between the match's (1.7 per metre here) and the query's
+    (1 per metre), so an odometry baseline anywhere between 0.193 and 0.328 agrees with the loop; 3 units does not."""
+    left_points = _backend_map_points(motorcycle.image0, motorcycle.depth0, motorcycle.K0, MAP_SCALE)
+    right_points = _backend_map_points(motorcycle.image1, _right_depth(motorcycle), motorcycle.K1, 1.0)
+    verdicts = {}
+    for baseline in (0.193, MAP_SCALE * 0.193, 3.0):
+        engine = _engine(pipeline)
+        engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, T_map_camera=np.eye(4),
+                                map_points=left_points)
+        T_map_right = np.eye(4)
+        T_map_right[0, 3] = baseline
+        loop = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1,
+                                       T_map_camera=T_map_right, map_points=right_points).candidates[0]
+        assert loop.method == "sim3" and loop.drift_translation_m is not None
+        verdicts[baseline] = (loop.accepted, loop.reason)
+    assert verdicts[0.193][0] and verdicts[MAP_SCALE * 0.193][0], verdicts
+    assert not verdicts[3.0][0] and verdicts[3.0][1].startswith("inconsistent with odometry"), verdicts

@@ -169,10 +169,16 @@ class LoopClosureEngine:
     def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
         """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
         with odometry (+ earlier loops) by more than the drift allowed along the shortest path."""
-        if not loop.metric or prediction is None:
+        if not (loop.metric or loop.method == "sim3") or prediction is None:
             return None
         T_predicted, path_length = prediction
-        loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
+        t_loop = loop.T_match_query[:3, 3]
+        if loop.method == "sim3":
+            # Monocular: the loop's t is in the match keyframe's units, the odometry between the two keyframes
+            # drifts from those units to the query's (lengths x 1/scale); compare up to a scale in that range.
+            low, high = sorted((1.0, 1.0 / loop.scale))
+            t_loop = t_loop * float(np.clip(t_loop @ T_predicted[:3, 3] / max(t_loop @ t_loop, 1e-12), low, high))
+        loop.drift_translation_m = float(np.linalg.norm(t_loop - T_predicted[:3, 3]))
         loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
         loop.path_length_m = float(path_length)
         if not self.config.odometry_gate:
