@@ -157,3 +157,17 @@ def test_odometry_gate_checks_sim3_loops_up_to_the_scale_drift_they_measure(pipe
         verdicts[baseline] = (loop.accepted, loop.reason)
     assert verdicts[0.193][0] and verdicts[MAP_SCALE * 0.193][0], verdicts
     assert not verdicts[3.0][0] and verdicts[3.0][1].startswith("inconsistent with odometry"), verdicts
+
+
+def test_a_sim3_that_does_not_measure_the_scale_falls_back_to_the_essential_matrix(motorcycle):
+    """With a scale-certainty demand no Sim3 meets, the same pair is verified as monocular: essential matrix."""
+    config = PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024,
+                                                    "resize_max": 0},
+                                       "matcher": {"name": "nn", "ratio_test": 0.8}, "device": "cpu",
+                                       "pose": {"sim3_max_scale_sigma": 1e-9}})
+    engine = _engine(MatchingPipeline(config))
+    engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0,
+                            map_points=_backend_map_points(motorcycle.image0, motorcycle.depth0, motorcycle.K0, 1.7))
+    loop = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1, map_points=(
+        _backend_map_points(motorcycle.image1, _right_depth(motorcycle), motorcycle.K1, 1.0))).candidates[0]
+    assert loop.geometry_ok and loop.method == "essential" and loop.scale == 1.0, loop.reason

@@ -168,27 +168,33 @@ class LoopClosureEngine:
 
     def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
         """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
-        with odometry (+ earlier loops) by more than the drift allowed along the shortest path."""
-        if not (loop.metric or loop.method == "sim3") or prediction is None:
+        with odometry (+ earlier loops) by more than the drift allowed along the shortest path. Loops without a
+        translation length (essential matrix) are compared on rotation only; Sim3 loops on rotation and on
+        translation up to the scale drift they measure."""
+        if prediction is None:
             return None
         T_predicted, path_length = prediction
-        t_loop = loop.T_match_query[:3, 3]
-        if loop.method == "sim3":
-            # Monocular: the loop's t is in the match keyframe's units, the odometry between the two keyframes
-            # drifts from those units to the query's (lengths x 1/scale); compare up to a scale in that range.
-            low, high = sorted((1.0, 1.0 / loop.scale))
-            t_loop = t_loop * float(np.clip(t_loop @ T_predicted[:3, 3] / max(t_loop @ t_loop, 1e-12), low, high))
-        loop.drift_translation_m = float(np.linalg.norm(t_loop - T_predicted[:3, 3]))
         loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
         loop.path_length_m = float(path_length)
+        has_length = loop.metric or loop.method == "sim3"
+        if has_length:
+            t_loop = loop.T_match_query[:3, 3]
+            if loop.method == "sim3":
+                # Monocular: the loop's t is in the match keyframe's units, the odometry between the two keyframes
+                # drifts from those units to the query's (lengths x 1/scale); compare up to a scale in that range.
+                low, high = sorted((1.0, 1.0 / loop.scale))
+                t_loop = t_loop * float(np.clip(t_loop @ T_predicted[:3, 3] / max(t_loop @ t_loop, 1e-12), low, high))
+            loop.drift_translation_m = float(np.linalg.norm(t_loop - T_predicted[:3, 3]))
         if not self.config.odometry_gate:
             return None
         max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
         max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
-        if loop.drift_translation_m > max_translation or loop.drift_rotation_deg > max_rotation:
-            return (f"inconsistent with odometry: moves the keyframe {loop.drift_translation_m:.2f} m / "
-                    f"{loop.drift_rotation_deg:.1f} deg over a {path_length:.1f} m graph path (allowed "
-                    f"{max_translation:.2f} m / {max_rotation:.1f} deg; repetitive structure?)")
+        translation_off = has_length and loop.drift_translation_m > max_translation
+        if translation_off or loop.drift_rotation_deg > max_rotation:
+            moved = f"{loop.drift_translation_m:.2f} m / " if has_length else ""
+            return (f"inconsistent with odometry: moves the keyframe {moved}{loop.drift_rotation_deg:.1f} deg over "
+                    f"a {path_length:.1f} m graph path (allowed {max_translation:.2f} m / {max_rotation:.1f} deg; "
+                    "repetitive structure?)")
         return None
 
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:

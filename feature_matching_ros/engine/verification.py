@@ -3,10 +3,11 @@
 Per pair (query = image 0, candidate = image 1), the first that applies:
   * candidate has depth at its matched points -> PnP (candidate 3D points -> query pixels), metric, inverted;
   * else the query has depth -> PnP (query 3D points -> candidate pixels), metric;
-  * else BOTH keyframes have backend map points (monocular SLAM, ``Keyframe.map_points``) -> Sim3 from the 3D-3D
-    matches (geometry/sim3.py): rotation, translation in the MATCH keyframe's backend units, and the scale s
-    between the two keyframes' maps (X_match = s R X_query + t), ``metric=False``, information along the
-    translation (the map points fix its length);
+  * else BOTH keyframes have backend map points (monocular SLAM, ``Keyframe.map_points``) at enough matches ->
+    Sim3 from the 3D-3D matches (geometry/sim3.py): rotation, translation in the MATCH keyframe's backend units,
+    and the scale s between the two keyframes' maps (X_match = s R X_query + t), ``metric=False``, information
+    along the translation (the map points fix its length). A Sim3 without consensus rejects the pair; one whose
+    own information leaves the scale uncertain beyond ``sim3_max_scale_sigma`` falls through to:
   * else essential matrix -> rotation + unit translation, ``metric=False``, information exactly zero along the
     translation (its length is unobservable).
 Depth wins over map points: depth is metric, a monocular map's units are not.
@@ -25,6 +26,14 @@ from feature_matching_ros.matchers.base import Correspondences
 
 def _has_depth(depth: np.ndarray | None) -> bool:
     return depth is not None and bool(np.isfinite(depth).any())
+
+
+def _scale_sigma(pose: RelativePose) -> float:
+    """1-sigma of a Sim3's log-scale from its 7x7 information (inf when the scale is unobservable)."""
+    try:
+        return float(np.sqrt(max(np.linalg.inv(pose.information_sim3)[6, 6], 0.0)))
+    except np.linalg.LinAlgError:
+        return float("inf")
 
 
 def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None, depth_match: np.ndarray | None,
@@ -49,5 +58,7 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
         # still verifies it. With enough of them, a Sim3 without consensus is a rejection.
         paired = int((np.isfinite(points3d_query).all(1) & np.isfinite(points3d_match).all(1)).sum())
         if paired >= max(3, config.min_inliers):
-            return estimate_sim3(points3d_query, points3d_match, query_pixels, match_pixels, K_query, K_match, config)
+            pose = estimate_sim3(points3d_query, points3d_match, query_pixels, match_pixels, K_query, K_match, config)
+            if not pose.success or _scale_sigma(pose) <= config.sim3_max_scale_sigma:
+                return pose
     return estimate_relative_pose(query_pixels, match_pixels, K_query, K_match, config)

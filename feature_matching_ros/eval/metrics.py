@@ -3,7 +3,8 @@
 Protocols (MODELS.md): pose error = max(rotation angle, translation direction angle with
 min(theta, 180 - theta)); AUC@t by the trapezoid rule over the sorted error recall curve, failures are
 infinite. ATE: RMSE of position errors after Umeyama alignment (SE3, or Sim3 for monocular), as evo does
-(evo's ``umeyama_alignment``; ``geometry.sim3.umeyama`` rather than depending on evo's plotting stack). Loop closure: precision/recall over queries with the threshold swept on the verified
+(evo's ``umeyama_alignment``; ``geometry.sim3.umeyama`` rather than depending on evo's plotting stack).
+Loop closure: precision/recall over queries with the threshold swept on the verified
 candidate's inlier count; max recall at 100 % precision.
 """
 

@@ -17,10 +17,10 @@ AND S^-1 X_1 within it of its match in image 0.
 
 Perturbations and information (7-DoF): delta = (v, w, sigma) = (tx, ty, tz, rx, ry, rz, log-scale) acts on the
 LEFT, S <- exp(delta) S, i.e. X_1 -> e^sigma exp([w]x) X_1 + v (in side 1's frame and units). The 7x7
-information is J^T J / sigma_px^2 of the inlier reprojection residuals (sigma_px their robust MAD scale), the
-same recipe as PnP in ``geometry.pose``. Its 6x6 rigid part, for consumers of T_1_0 = [R, t] alone, is the
-Schur complement over log-scale after the change to SE(3) left coordinates (v' = v + sigma t, since a scale
-change moves the camera centre t).
+information is J^T J / sigma_px^2 of the inlier reprojection residuals (sigma_px their robust MAD scale, at
+least 1 px), map points held fixed as ORB-SLAM3's OptimizeSim3 does. Its 6x6 rigid part, for consumers of
+T_1_0 = [R, t] alone, is the Schur complement over log-scale after the change to SE(3) left coordinates
+(v' = v + sigma t, since a scale change moves the camera centre t).
 """
 
 from __future__ import annotations
@@ -273,7 +273,9 @@ def estimate_sim3(points0: np.ndarray | None, points1: np.ndarray | None, pixels
     used = inliers3d | one_sided
     vector = residuals.vector(scale, R, t, used)
     jacobian = _numeric_jacobian(lambda delta: residuals.vector(*_perturb(scale, R, t, delta), used), dimension=7)
-    information7 = _information(jacobian, vector, floor=0.1)
+    # 1 px floor: keypoint localisation (integer FAST corners, repeatability across views, calibration) is never
+    # better than that, and the map points' own noise only shows through these residuals.
+    information7 = _information(jacobian, vector, floor=1.0)
     epipolar = _epipolar_inliers(R, t, pixels0, pixels1, K0, K1, config) & ~(valid0 | valid1)
     errors = np.concatenate([into1[inliers3d | (residuals.only0 & one_sided)],
                              into0[inliers3d | (residuals.only1 & one_sided)]])
