@@ -11,10 +11,10 @@ metric graph (counted in the report).
 
 Monocular odometry, whose scale drifts (``optimise_sim3_pose_graph``): Similarity3 nodes S_map_camera, as
 ORB-SLAM3's essential graph. Odometry steps are Sim3 measurements with scale 1 and a log-scale sigma per step
-(the drift the graph may redistribute); Sim3 loops are BetweenFactor<Similarity3> with their 7x7 information;
-essential-matrix loops constrain rotation and translation DIRECTION only (their information is zero along t
-and on the scale; the measured translation takes the odometry's length so that the unconstrained direction
-starts at zero error). GTSAM's Similarity3 is (R, t_g, s) acting as p -> s (R p + t_g), so the engine's
+(the drift the graph may redistribute); Sim3 loops are BetweenFactor<Similarity3> with their 7x7 information.
+Essential-matrix loops are left out (counted): they say nothing about length or scale, and the only check on
+them is rotation, so a look-alike place one corridor over would pull the graph (measured: a false essential loop
+doubled the ATE of a rendered corridor). GTSAM's Similarity3 is (R, t_g, s) acting as p -> s (R p + t_g), so the engine's
 X_match = s R X_query + t is Similarity3(R, t / s, s); its tangent is (rx, ry, rz, tx, ty, tz, log s), equal to
 first order to the engine's left coordinates (tx, ty, tz, rx, ry, rz, log s) reordered; the left information goes
 right through GTSAM's own Similarity3.AdjointMap (S exp(d) = exp(Ad d) S).
@@ -151,27 +151,24 @@ def optimise_sim3_pose_graph(odometry_poses: np.ndarray, loops: list[LoopClosure
         model = gtsam.noiseModel.Diagonal.Sigmas(np.r_[np.full(3, sigma_r), np.full(3, sigma_t),
                                                        noise.log_scale_per_step])
         graph.add(gtsam.BetweenFactorSimilarity3(i, i + 1, to_gtsam_similarity(1.0, relative), model))
-    counts = {"sim3": 0, "metric": 0, "essential": 0, "skipped": 0}
+    counts = {"sim3": 0, "metric": 0, "without_length": 0, "unknown_keyframes": 0}
     for loop in loops:
         if loop.query_id not in id_to_index or loop.match_id not in id_to_index:
-            counts["skipped"] += 1
+            counts["unknown_keyframes"] += 1
             continue
         match, query = id_to_index[loop.match_id], id_to_index[loop.query_id]
         T = np.asarray(loop.T_match_query, np.float64).copy()
         if loop.method == "sim3" and loop.information_sim3 is not None:
             scale, information = loop.scale, loop.information_sim3
             counts["sim3"] += 1
-        else:
-            information = np.zeros((7, 7))
+        elif loop.metric:  # a metric loop fixes the relative scale too
+            scale, information = 1.0, np.zeros((7, 7))
             information[:6, :6] = loop.information
-            scale = 1.0
-            if loop.metric:  # a metric loop fixes the relative scale too
-                information[6, 6] = 1.0 / 1e-3 ** 2
-                counts["metric"] += 1
-            else:  # direction only: borrow the odometry's length, constrain neither it nor the scale
-                odometry_length = np.linalg.norm((np.linalg.inv(odometry_poses[match]) @ odometry_poses[query])[:3, 3])
-                T[:3, 3] *= odometry_length / max(np.linalg.norm(T[:3, 3]), 1e-12)
-                counts["essential"] += 1
+            information[6, 6] = 1.0 / 1e-3 ** 2
+            counts["metric"] += 1
+        else:  # essential matrix: no length, no scale; see the module docstring
+            counts["without_length"] += 1
+            continue
         model = gtsam.noiseModel.Robust.Create(gtsam.noiseModel.mEstimator.Huber.Create(huber_k),
                                                gtsam.noiseModel.Gaussian.Information(
                                                    sim3_information_to_gtsam(information, scale, T)))
@@ -184,9 +181,10 @@ def optimise_sim3_pose_graph(odometry_poses: np.ndarray, loops: list[LoopClosure
     optimised = np.stack([T for _, T in parts])
     summary = {"optimizer": f"gtsam {getattr(gtsam, '__version__', '')} Levenberg-Marquardt, Similarity3 nodes".strip(),
                "nodes": n, "odometry_factors": n - 1,
-               "loop_factors": counts["sim3"] + counts["metric"] + counts["essential"],
-               "loop_factors_by_kind": {k: v for k, v in counts.items() if k != "skipped"},
-               "loops_skipped": counts["skipped"],
+               "loop_factors": counts["sim3"] + counts["metric"],
+               "loop_factors_by_kind": {"sim3": counts["sim3"], "metric": counts["metric"]},
+               "loops_skipped_without_length": counts["without_length"],
+               "loops_skipped_unknown_keyframes": counts["unknown_keyframes"],
                "node_scale": {"min": float(min(s for s, _ in parts)), "max": float(max(s for s, _ in parts))},
                "initial_error": float(graph.error(initial)), "final_error": float(graph.error(result)),
                "iterations": int(optimiser.iterations())}
