@@ -10,8 +10,8 @@ odometry topic (what a SLAM frontend would hand over). What is measured, per pre
     own time neighbourhood excluded; success rate and pose errors;
   * latency per stage (percentiles);
   * ATE RMSE of odometry before and after a GTSAM pose graph with the accepted loops: SE3 graph and SE3
-    alignment with depth; monocular (no depth) a Sim3 graph (Sim3 loops from backend map points, essential loops
-    as direction constraints) and Sim3 alignment.
+    alignment with depth; monocular (no depth) a Sim3 graph with the Sim3 loops (from backend map points;
+    essential-matrix loops carry no length and stay out) and Sim3 alignment.
 Which detections count as correct (``judge_loop``; also written to metrics.json "loop.correctness"):
 the GT loop set (loops.json / --gt-loops) is strict: pairs closer than the scene's loop distance with
 view overlap >= 0.3. A verified loop between two frames farther apart that still see the same surfaces is a
