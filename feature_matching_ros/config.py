@@ -105,7 +105,7 @@ class MatcherConfig:
 @dataclass
 class PoseConfig:
     ransac_threshold_px: float = 1.0  # essential matrix: Sampson error threshold in pixels
-    pnp_threshold_px: float = 3.0  # PnP: reprojection error threshold in pixels
+    pnp_threshold_px: float = 3.0  # PnP and Sim3: reprojection error threshold in pixels
     confidence: float = 0.9999
     max_iterations: int = 10_000
     min_matches: int = 15
@@ -113,8 +113,18 @@ class PoseConfig:
     homography_ratio: float = 0.8  # H inliers / E inliers above which the pair is planar or pure rotation
     min_depth: float = 0.05  # metres; depth outside [min_depth, max_depth] counts as invalid
     max_depth: float = 100.0
+    # Backend map points (monocular Sim3): a matched pixel takes the 3D of the nearest backend keypoint within
+    # this radius (one-to-one). A backend's keypoints come from its own pyramid (ORB-SLAM3: 8 levels x 1.2), so
+    # the same corner lands within a pixel or two of ours.
+    map_point_radius_px: float = 2.0
+    # A Sim3 whose scale its own information leaves less certain than this (1 sigma of log-scale, ~relative) does
+    # not measure the scale (points far away or on one plane, few 3D-3D inliers): the pair is verified by the
+    # essential matrix instead, which says "scale unknown" exactly.
+    sim3_max_scale_sigma: float = 0.05
 
     def __post_init__(self) -> None:
+        _check_range("map_point_radius_px", self.map_point_radius_px, 0.0, 50.0)
+        _check_range("sim3_max_scale_sigma", self.sim3_max_scale_sigma, 0.0, 10.0)
         _check_range("ransac_threshold_px", self.ransac_threshold_px, 0.01, 50.0)
         _check_range("pnp_threshold_px", self.pnp_threshold_px, 0.01, 50.0)
         _check_range("confidence", self.confidence, 0.5, 0.999999)

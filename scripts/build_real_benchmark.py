@@ -278,7 +278,7 @@ def build_tum_fr1_rpy(root: Path, out: Path, overwrite: bool) -> dict:
     loops = label_loops(poses, [d[::step, ::step] for d in depths], scale_intrinsics(K, step), criteria, stride=2)
     noise = OdometryNoise()
     dt = float(np.median(np.diff(stamps)))
-    T_odom, lin, ang, pose_cov, twist_cov = simulate_odometry(poses, np.random.default_rng(ODOMETRY_SEED), noise, dt)
+    T_odom, lin, ang, pose_cov, twist_cov, _ = simulate_odometry(poses, np.random.default_rng(ODOMETRY_SEED), noise, dt)
     stamps_ns = to_ns(stamps)
     frames = (SequenceFrame(k, stamps_ns[k], images[k], depths[k], K, poses[k], T_odom[k], lin[k], ang[k])
               for k in range(len(images)))
@@ -351,7 +351,7 @@ def build_kitti_out_and_back(root: Path, out: Path, overwrite: bool) -> dict:
     # KITTI's world frame has y down; simulate_odometry's yaw bias turns about map z, so rotate the world
     # to z up for the simulation and back (the bias then acts about gravity as a gyro's would).
     R_up = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1.0]])
-    T_odom_up, lin, ang, pose_cov, twist_cov = simulate_odometry(R_up @ poses, np.random.default_rng(ODOMETRY_SEED),
+    T_odom_up, lin, ang, pose_cov, twist_cov, _ = simulate_odometry(R_up @ poses, np.random.default_rng(ODOMETRY_SEED),
                                                                 noise, 1.0)
     T_odom = np.linalg.inv(R_up) @ T_odom_up
     stamps_ns = to_ns(stamps, FIRST_STAMP_NS)

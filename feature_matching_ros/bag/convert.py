@@ -125,3 +125,42 @@ def odometry_to_msg(T_odom_child: np.ndarray, stamp_ns: int, frame_id: str, chil
                                 z=float(angular_velocity[2]))),
             covariance=np.asarray(twist_covariance, np.float64).reshape(-1)),
     )
+
+
+# sensor_msgs/PointField datatype FLOAT32; the map-points cloud carries these fields, in this order.
+_FLOAT32 = 7
+MAP_POINT_FIELDS = ("u", "v", "x", "y", "z")
+
+
+def map_points_to_msg(pixels: np.ndarray, points: np.ndarray, stamp_ns: int, frame_id: str):
+    """A keyframe's backend map points as sensor_msgs/PointCloud2 with float32 fields u, v (pixel of the
+    observing keypoint) and x, y, z (the point in the camera frame ``frame_id``, backend units); one point per
+    row of (P, 2) ``pixels`` and (P, 3) ``points``."""
+    types = _types()
+    rows = np.ascontiguousarray(np.c_[np.asarray(pixels, np.float32).reshape(-1, 2),
+                                      np.asarray(points, np.float32).reshape(-1, 3)], dtype="<f4")
+    fields = [types["sensor_msgs/msg/PointField"](name=name, offset=4 * i, datatype=_FLOAT32, count=1)
+              for i, name in enumerate(MAP_POINT_FIELDS)]
+    return types["sensor_msgs/msg/PointCloud2"](
+        header=header(stamp_ns, frame_id), height=1, width=len(rows), fields=fields, is_bigendian=False,
+        point_step=4 * len(MAP_POINT_FIELDS), row_step=4 * len(MAP_POINT_FIELDS) * len(rows),
+        data=rows.reshape(-1).view(np.uint8), is_dense=True)
+
+
+def msg_to_map_points(msg) -> tuple[np.ndarray, np.ndarray]:
+    """sensor_msgs/PointCloud2 with float32 fields u, v, x, y, z (any order, any point_step) -> ((P, 2) pixels,
+    (P, 3) camera-frame points). A cloud without those fields raises ValueError naming what is missing."""
+    offsets = {f.name: int(f.offset) for f in msg.fields if int(f.datatype) == _FLOAT32}
+    missing = [name for name in MAP_POINT_FIELDS if name not in offsets]
+    if missing:
+        raise ValueError(f"map point cloud lacks float32 fields {missing} (needs {', '.join(MAP_POINT_FIELDS)})")
+    count, step = int(msg.width) * int(msg.height), int(msg.point_step)
+    raw = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
+    if step < 4 or len(raw) < count * step:
+        raise ValueError(f"map point cloud has {len(raw)} bytes for {count} points of {step} bytes")
+    rows = raw[:count * step].reshape(count, step)
+    dtype = np.dtype(">f4" if msg.is_bigendian else "<f4")
+    column = lambda name: rows[:, offsets[name]:offsets[name] + 4].copy().view(dtype).reshape(-1)  # noqa: E731
+    pixels = np.stack([column("u"), column("v")], 1).astype(np.float32)
+    points = np.stack([column("x"), column("y"), column("z")], 1).astype(np.float32)
+    return pixels, points

@@ -8,6 +8,9 @@ Topics (defaults, see ``SequenceTopics``), all stamped with the frame's stamp:
   /camera/camera_info       sensor_msgs/CameraInfo, one per image
   /ground_truth/pose        geometry_msgs/PoseStamped, frame_id "map": T_map_camera of the optical frame
   /odom                     nav_msgs/Odometry, frame_id "odom", child = the camera optical frame
+  /slam/map_points          sensor_msgs/PointCloud2 (monocular sequences), frame_id the camera optical frame:
+                            the keyframe's backend map points, float32 fields u, v (pixel of the observing
+                            keypoint) and x, y, z (camera frame, the backend's drifting units; not metres)
 The bag's log time of every message equals its header stamp, so the bag orders frames by stamp.
 Frames are assembled by header stamp: every message with the image's stamp belongs to that frame;
 topics other than the image are optional on read (missing -> None).
@@ -31,6 +34,7 @@ class SequenceTopics:
     camera_info: str = "/camera/camera_info"
     ground_truth: str = "/ground_truth/pose"
     odometry: str = "/odom"
+    map_points: str = "/slam/map_points"
     camera_frame: str = "camera_optical_frame"
     map_frame: str = "map"
     odom_frame: str = "odom"
@@ -55,6 +59,9 @@ class SequenceFrame:
     T_odom_camera: np.ndarray | None = None
     odom_linear_velocity: np.ndarray | None = None  # m/s in the camera frame
     odom_angular_velocity: np.ndarray | None = None  # rad/s in the camera frame
+    # A monocular backend's sparse 3D for this frame: ((P, 2) keypoint pixels, (P, 3) camera-frame points in the
+    # backend's units), see retrieval.database.MapPoints.
+    map_points: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class SequenceBagWriter:
@@ -88,6 +95,9 @@ class SequenceBagWriter:
         self._writer.close()
 
     def _write(self, topic: str, msg, stamp_ns: int) -> None:
+        if topic not in self._connections:  # optional topics get a connection when first written
+            self._connections[topic] = self._writer.add_connection(topic, msg.__msgtype__,
+                                                                   typestore=convert.typestore())
         connection = self._connections[topic]
         self._writer.write(connection, stamp_ns, convert.typestore().serialize_cdr(msg, connection.msgtype))
 
@@ -111,6 +121,8 @@ class SequenceBagWriter:
                 frame.odom_angular_velocity if frame.odom_angular_velocity is not None else zeros,
                 odom_pose_covariance if odom_pose_covariance is not None else np.zeros((6, 6)),
                 odom_twist_covariance if odom_twist_covariance is not None else np.zeros((6, 6))), s)
+        if frame.map_points is not None:
+            self._write(t.map_points, convert.map_points_to_msg(*frame.map_points, s, t.camera_frame), s)
 
 
 def read_raw_messages(path: Path | str) -> list[tuple[str, int, bytes]]:
@@ -129,7 +141,8 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
     if not path.exists():
         raise FileNotFoundError(f"no bag at {path}")
     store = convert.typestore()
-    wanted = {topics.image, topics.depth, topics.camera_info, topics.ground_truth, topics.odometry}
+    wanted = {topics.image, topics.depth, topics.camera_info, topics.ground_truth, topics.odometry,
+              topics.map_points}
     with Reader(path) as reader:
         connections = [c for c in reader.connections if c.topic in wanted]
         if not any(c.topic == topics.image for c in connections):
@@ -151,6 +164,8 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
                 lin, ang = odom.twist.twist.linear, odom.twist.twist.angular
                 frame.odom_linear_velocity = np.array([lin.x, lin.y, lin.z])
                 frame.odom_angular_velocity = np.array([ang.x, ang.y, ang.z])
+            if topics.map_points in parts:
+                frame.map_points = convert.msg_to_map_points(parts[topics.map_points])
             return frame
 
         for connection, _, raw in reader.messages(connections=connections):

@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--depth-topic", default="/camera/depth/image_raw")
     parser.add_argument("--pose-topic", default="/ground_truth/pose", help="ground-truth PoseStamped (T_map_camera)")
     parser.add_argument("--odom-topic", default="/odom", help="odometry (the backend poses fed to the engine)")
+    parser.add_argument("--map-points-topic", default="/slam/map_points",
+                        help="a monocular backend's keyframe map points (PointCloud2 u, v, x, y, z): Sim3 loops")
     parser.add_argument("--no-depth", action="store_true", help="ignore the depth topic (monocular evaluation)")
     parser.add_argument("--keyframe-every", type=int, default=1, help="use every N-th image as a keyframe")
     parser.add_argument("--max-frames", type=int, help="stop after this many images")
@@ -67,9 +69,11 @@ def evaluate_bag(bag: Path, presets: list[str], report: Path, topics, gt_loops: 
     if not gt:
         skipped["loop_precision_recall"] = "no ground-truth loops (no --gt-loops, no loops.json, no poses+depth)"
     if all(f.depth is None for f in frames):
-        skipped["metric_loops"] = (f"no depth on {topics.depth or '(--no-depth)'}: loops are monocular (essential "
-                                   "matrix, scale unknown), no depth consistency check, no relocalization, "
-                                   "no loop factors in the metric pose graph")
+        kind = ("Sim3 from the backend map points where both keyframes have them, else essential matrix"
+                if any(f.map_points is not None for f in frames) else "essential matrix, scale unknown")
+        skipped["metric_loops"] = (f"no depth on {topics.depth or '(--no-depth)'}: loops are monocular ({kind}), "
+                                   "no depth consistency check, no relocalization; Sim3 pose graph, Sim3-aligned "
+                                   "ATE")
     if any(f.T_gt is None for f in frames):
         skipped["pose_errors_relocalization_ate"] = (f"no ground-truth poses on {topics.ground_truth}: loop "
                                                      "correctness from the GT loop set only, no pose errors/AUC, "
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     topics = SequenceTopics(image=args.image_topic, depth="" if args.no_depth else args.depth_topic,
                             camera_info=args.camera_info_topic, ground_truth=args.pose_topic,
-                            odometry=args.odom_topic)
+                            odometry=args.odom_topic, map_points=args.map_points_topic)
     presets = [args.config] + [p for p in args.compare if p != args.config]
     evaluate_bag(args.bag, presets, args.report, topics, args.gt_loops, args.keyframe_every, args.max_frames,
                  args.reloc_queries, args.device)

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing sequence in OUT")
+    parser.add_argument("--monocular", action="store_true",
+                        help="no depth: a monocular backend's map points per frame (/slam/map_points) and odometry "
+                             "whose scale drifts (random walk), for Sim3 loop closure")
     parser.set_defaults(func=run)
 
 
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from feature_matching_ros.scenes.sequence import generate_sequence
 
     bag = generate_sequence(args.out, scene=args.scene, frames=args.frames, seed=args.seed, storage=args.storage,
-                            width=args.width, height=args.height, overwrite=args.overwrite)
+                            width=args.width, height=args.height, overwrite=args.overwrite,
+                            monocular=args.monocular)
     print(bag)
     return 0

@@ -49,7 +49,7 @@ class EngineConfig:
     # odometry allowance between them) and the weaker has >= ambiguity_ratio x the stronger's inliers, both are
     # rejected: the scene looks the same in two places (repetitive texture). 1.0 disables it.
     ambiguity_ratio: float = 0.7
-    # Odometry-consistency gate (needs backend poses on both keyframes and a metric loop). The loop is compared
+    # Odometry-consistency gate (needs backend poses on both keyframes and a metric or Sim3 loop). The loop is compared
     # with the relative pose predicted by composing odometry (and previously accepted loops) along the SHORTEST
     # path between the two keyframes in the keyframe graph, and may disagree by at most
     # abs + ratio * (length of that path): the odometry's drift model (set it to your odometry's drift spec).

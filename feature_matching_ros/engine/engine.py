@@ -12,8 +12,11 @@ Matchers that match pixels (Efficient LoFTR, LoFTR; ``pipeline.needs_images``): 
 retrieval, keyframes keep their gray image (and depth image), and the matcher's correspondences are pixels
 rather than keypoint indices; verification and every check run on the same :class:`Correspondences`.
 
-Monocular scale: without depth the pose is an essential matrix (rotation + unit translation, ``metric=False``);
-the constraint says "scale unknown" (information zero along t). Relocalization needs a metric pose.
+Monocular scale: without depth, keyframes that carry the backend's map points (``map_points``: a monocular
+SLAM's sparse 3D, in its own drifting units) are verified by a Sim3 between the two keyframes' points
+(``method="sim3"``, ``LoopClosure.scale``, ``metric=False``); without them the pose is an essential matrix
+(rotation + unit translation, ``metric=False``) whose information is zero along t: "scale unknown".
+Relocalization needs a metric pose.
 
 Precision first: a false loop closure corrupts the map, so every candidate gets a reason when rejected, and
 acceptance stacks checks that scale with what the pair can show rather than per-dataset thresholds
@@ -60,7 +63,7 @@ from feature_matching_ros.geometry.covariance import relocalization_covariance
 from feature_matching_ros.geometry.se3 import inverse, rotation_angle_deg
 from feature_matching_ros.image import gray_uint8
 from feature_matching_ros.matchers.base import Correspondences, View
-from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase
+from feature_matching_ros.retrieval.database import Candidate, Keyframe, KeyframeDatabase, MapPoints
 from feature_matching_ros.retrieval.global_descriptors import (BinaryVocabulary, CodebookError, VladCodebook,
                                                                default_codebook_path, load_codebook, sha256_file)
 from feature_matching_ros.retrieval.persistence import MapFormatError
@@ -114,9 +117,12 @@ class LoopClosureEngine:
 
     # -------------------------------------------------------------------- keyframes
     def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
-                 T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None
+                 T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
+                 map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None
                  ) -> tuple[Keyframe, Features, dict[str, float]]:
-        """Extract features and the global descriptor of an image; returns (keyframe, device features, timing)."""
+        """Extract features and the global descriptor of an image; returns (keyframe, device features, timing).
+        ``map_points``: the backend's sparse 3D for this keyframe, a :class:`MapPoints` or ((P, 2) keypoint
+        pixels, (P, 3) camera-frame points in backend units)."""
         K = check_intrinsics(K)
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -135,14 +141,19 @@ class LoopClosureEngine:
             keyframe.image = gray_uint8(image)
             if depth is not None and self.config.store_depth:
                 keyframe.depth_image = np.asarray(depth, np.float32).astype(np.float16)
+        if map_points is not None:
+            keyframe.map_points = (map_points if isinstance(map_points, MapPoints)
+                                   else MapPoints.from_backend(*map_points))
         return keyframe, features, timing
 
     def process_keyframe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
                          T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
-                         exclude_ids: set[int] | None = None, insert: bool = True) -> KeyframeResult:
-        """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip."""
+                         exclude_ids: set[int] | None = None, insert: bool = True,
+                         map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None) -> KeyframeResult:
+        """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip;
+        ``map_points``: the backend's sparse 3D of the keyframe (see ``describe``; monocular Sim3 loops)."""
         start_total = time.perf_counter()
-        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth)
+        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth, map_points)
         result = self.detect_loops(keyframe, features, exclude_ids, timing)
         if insert:
             self.insert(keyframe)
@@ -175,22 +186,30 @@ class LoopClosureEngine:
 
     def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
         """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
-        with odometry (+ earlier loops) by more than the drift allowed along the shortest path. Loops without
-        metric scale are compared on rotation only."""
+        with odometry (+ earlier loops) by more than the drift allowed along the shortest path. Loops without a
+        translation length (essential matrix) are compared on rotation only; Sim3 loops on rotation and on
+        translation up to the scale drift they measure."""
         if prediction is None:
             return None
         T_predicted, path_length = prediction
         loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
         loop.path_length_m = float(path_length)
-        if loop.metric:
-            loop.drift_translation_m = float(np.linalg.norm(loop.T_match_query[:3, 3] - T_predicted[:3, 3]))
+        has_length = loop.metric or loop.method == "sim3"
+        if has_length:
+            t_loop = loop.T_match_query[:3, 3]
+            if loop.method == "sim3":
+                # Monocular: the loop's t is in the match keyframe's units, the odometry between the two keyframes
+                # drifts from those units to the query's (lengths x 1/scale); compare up to a scale in that range.
+                low, high = sorted((1.0, 1.0 / loop.scale))
+                t_loop = t_loop * float(np.clip(t_loop @ T_predicted[:3, 3] / max(t_loop @ t_loop, 1e-12), low, high))
+            loop.drift_translation_m = float(np.linalg.norm(t_loop - T_predicted[:3, 3]))
         if not self.config.odometry_gate:
             return None
         max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
         max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
-        translation_off = loop.metric and loop.drift_translation_m > max_translation
+        translation_off = has_length and loop.drift_translation_m > max_translation
         if translation_off or loop.drift_rotation_deg > max_rotation:
-            moved = f"{loop.drift_translation_m:.2f} m / " if loop.metric else ""
+            moved = f"{loop.drift_translation_m:.2f} m / " if has_length else ""
             return (f"inconsistent with odometry: moves the keyframe {moved}{loop.drift_rotation_deg:.1f} deg over "
                     f"a {path_length:.1f} m graph path (allowed {max_translation:.2f} m / {max_rotation:.1f} deg; "
                     "repetitive structure?)")
@@ -233,10 +252,14 @@ class LoopClosureEngine:
         for rank, (candidate, match_kf, correspondences) in enumerate(zip(candidates, stored, pairs)):
             depth_query = keyframe.depth_at(correspondences.points0, correspondences.index0)
             depth_match = match_kf.depth_at(correspondences.points1, correspondences.index1)
-            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config)
+            radius = pose_config.map_point_radius_px
+            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config,
+                               keyframe.points3d_at(correspondences.points0, radius),
+                               match_kf.points3d_at(correspondences.points1, radius))
             loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
-                               pose.T_1_0, 1.0, pose.metric, pose.information, len(correspondences),
-                               pose.num_inliers, candidate.score, rank, pose.method, pose.success)
+                               pose.T_1_0, pose.scale, pose.metric, pose.information, len(correspondences),
+                               pose.num_inliers, candidate.score, rank, pose.method, pose.success,
+                               median_residual_px=pose.median_residual_px, information_sim3=pose.information_sim3)
             if pose.success:
                 loop.points_query, loop.points_match = correspondences.points0, correspondences.points1
                 loop.match_scores = np.asarray(correspondences.scores, np.float32)

@@ -19,7 +19,16 @@ def _matrix_list(matrix: np.ndarray | None) -> list | None:
 
 @dataclass
 class LoopClosure:
-    """One verified (or rejected) candidate. T_match_query maps query-camera points into the match camera."""
+    """One verified (or rejected) candidate. T_match_query maps query-camera points into the match camera.
+
+    Monocular Sim3 loops (``method="sim3"``: both keyframes had backend map points) relate the two keyframes'
+    backend frames by X_match = scale * R * X_query + t with (R, t) = T_match_query: t is the query camera's
+    centre in the match camera, in the MATCH keyframe's backend units, and ``scale`` converts lengths of the
+    query's map into the match's. ``metric`` is False (backend units), ``information`` is the 6x6 of the rigid
+    part with the scale marginalised, ``information_sim3`` the full 7x7 over (tx, ty, tz, rx, ry, rz, log scale),
+    left perturbation S <- exp(delta) S (geometry/sim3.py). Metric loops have scale 1; essential-matrix loops
+    have scale 1, a unit translation and information exactly zero along it.
+    """
 
     query_id: int
     match_id: int
@@ -28,14 +37,14 @@ class LoopClosure:
     accepted: bool
     reason: str
     T_match_query: np.ndarray = field(default_factory=lambda: np.eye(4))
-    scale: float = 1.0  # 1.0 with metric=False: monocular, translation is a unit direction
+    scale: float = 1.0  # Sim3 scale (query units -> match units); 1.0 for metric and essential-matrix loops
     metric: bool = False
     information: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))  # (tx,ty,tz,rx,ry,rz), left
     num_matches: int = 0
     num_inliers: int = 0
     retrieval_score: float = 0.0
     retrieval_rank: int = 0
-    method: str = "none"  # pnp | essential | none
+    method: str = "none"  # pnp | sim3 | essential | none
     geometry_ok: bool = False  # passed geometric verification (before the acceptance thresholds)
     # Disagreement of the loop with the backend poses (None when a pose is missing or the loop is not metric).
     drift_translation_m: float | None = None
@@ -53,6 +62,7 @@ class LoopClosure:
     depth_agreement: float | None = None
     median_residual_px: float | None = None
     scene_agreement: float | None = None
+    information_sim3: np.ndarray | None = None  # (7, 7) for method == "sim3", else None
 
     @property
     def inlier_ratio(self) -> float:
@@ -70,7 +80,8 @@ class LoopClosure:
                 "path_length_m": self.path_length_m, "inlier_coverage": _rounded(self.inlier_coverage),
                 "depth_agreement": _rounded(self.depth_agreement),
                 "median_residual_px": _rounded(self.median_residual_px),
-                "scene_agreement": _rounded(self.scene_agreement)}
+                "scene_agreement": _rounded(self.scene_agreement),
+                "information_sim3": _matrix_list(self.information_sim3)}
 
 
 @dataclass

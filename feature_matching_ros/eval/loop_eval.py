@@ -9,8 +9,9 @@ odometry topic (what a SLAM frontend would hand over). What is measured, per pre
   * relocalization: images of revisits relocalized against the map (poses = ground truth) with the query's
     own time neighbourhood excluded; success rate and pose errors;
   * latency per stage (percentiles);
-  * ATE RMSE (Umeyama SE3; Sim3 when no loop is metric) of odometry before and after a GTSAM pose graph with
-    the accepted loops.
+  * ATE RMSE of odometry before and after a GTSAM pose graph with the accepted loops: SE3 graph and SE3
+    alignment with depth; monocular (no depth) a Sim3 graph with the Sim3 loops (from backend map points;
+    essential-matrix loops carry no length and stay out) and Sim3 alignment.
 Which detections count as correct (``judge_loop``; also written to metrics.json "loop.correctness"):
 the GT loop set (loops.json / --gt-loops) is strict: pairs closer than the scene's loop distance with
 view overlap >= 0.3. A verified loop between two frames farther apart that still see the same surfaces is a
@@ -56,6 +57,7 @@ class EvalFrame:
     depth: np.ndarray | None
     T_gt: np.ndarray | None
     T_odom: np.ndarray | None
+    map_points: tuple[np.ndarray, np.ndarray] | None = None  # backend (pixels (P, 2), camera points (P, 3))
 
 
 def load_frames(bag: Path, topics, keyframe_every: int, max_frames: int | None, default_K: np.ndarray | None
@@ -72,7 +74,7 @@ def load_frames(bag: Path, topics, keyframe_every: int, max_frames: int | None, 
         if K is None:
             raise ValueError(f"frame {frame.index} has no camera info on {topics.camera_info} and no --K was given")
         frames.append(EvalFrame(frame.index, frame.stamp_ns, frame.image, K, frame.depth, frame.T_map_camera,
-                                frame.T_odom_camera))
+                                frame.T_odom_camera, frame.map_points))
     if not frames:
         raise ValueError(f"no frames read from {bag} on {topics.image}")
     return frames
@@ -172,7 +174,8 @@ def evaluate_preset(preset: str, frames: list[EvalFrame], gt: set[tuple[int, int
     start = time.perf_counter()
     for number, frame in enumerate(frames):
         results.append(engine.process_keyframe(frame.image, frame.K, frame.stamp_ns, keyframe_id=frame.index,
-                                               T_map_camera=frame.T_odom, depth=frame.depth))
+                                               T_map_camera=frame.T_odom, depth=frame.depth,
+                                               map_points=frame.map_points))
         if (number + 1) % 25 == 0:
             LOG.info("[%s] %d/%d keyframes, %.0f ms/keyframe", preset, number + 1, len(frames),
                      (time.perf_counter() - start) / (number + 1) * 1e3)
@@ -307,20 +310,23 @@ def _evaluate_relocalization(engine, frames: list[EvalFrame], reachable: dict[in
 
 
 def _evaluate_trajectory(frames: list[EvalFrame], accepted) -> dict[str, Any]:
+    """ATE of the odometry before and after a pose graph with the accepted loops. Monocular runs (no depth on any
+    frame: the odometry's scale is arbitrary and drifts) use the Sim3 graph and Sim3-aligned ATE, as evo does for
+    monocular trajectories; metric runs the SE3 graph and SE3 alignment."""
     if any(f.T_odom is None for f in frames):
         return {"skipped": "no odometry in the bag (--odom-topic)"}
     if any(f.T_gt is None for f in frames):
         return {"skipped": "no ground-truth poses in the bag (--pose-topic)"}
-    from feature_matching_ros.eval.pose_graph import optimise_pose_graph
+    from feature_matching_ros.eval.pose_graph import optimise_pose_graph, optimise_sim3_pose_graph
 
     odometry = np.stack([f.T_odom for f in frames])
     gt = np.stack([f.T_gt for f in frames])
-    metric = any(loop.metric for loop in accepted) or not accepted
+    monocular = all(f.depth is None for f in frames)
+    optimise = optimise_sim3_pose_graph if monocular else optimise_pose_graph
     try:
-        optimised, summary = optimise_pose_graph(odometry, accepted, {f.index: i for i, f in enumerate(frames)})
+        optimised, summary = optimise(odometry, accepted, {f.index: i for i, f in enumerate(frames)})
     except ImportError as error:
         return {"skipped": f"gtsam not installed ({error})"}
-    with_scale = not metric
-    return {"ate_before": absolute_trajectory_error(odometry, gt, with_scale),
-            "ate_after": absolute_trajectory_error(optimised, gt, with_scale),
+    return {"ate_before": absolute_trajectory_error(odometry, gt, monocular),
+            "ate_after": absolute_trajectory_error(optimised, gt, monocular),
             "pose_graph": summary, "_poses": {"gt": gt, "odometry": odometry, "optimised": optimised}}

@@ -3,8 +3,8 @@
 Protocols (MODELS.md): pose error = max(rotation angle, translation direction angle with
 min(theta, 180 - theta)); AUC@t by the trapezoid rule over the sorted error recall curve, failures are
 infinite. ATE: RMSE of position errors after Umeyama alignment (SE3, or Sim3 for monocular), as evo does
-(evo's ``umeyama_alignment``; written here in a few lines of numpy rather than depending on evo's
-plotting stack). Loop closure: precision/recall over queries with the threshold swept on the verified
+(evo's ``umeyama_alignment``; ``geometry.sim3.umeyama`` rather than depending on evo's plotting stack).
+Loop closure: precision/recall over queries with the threshold swept on the verified
 candidate's inlier count; max recall at 100 % precision.
 """
 
@@ -87,21 +87,11 @@ def precision_recall_curve(scores: np.ndarray, correct: np.ndarray, num_positive
 
 
 def umeyama_alignment(source: np.ndarray, target: np.ndarray, with_scale: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """Least-squares similarity (R, t, s) with target ~ s R source + t, for (N, 3) point sets (Umeyama 1991)."""
-    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
-    if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 3:
-        raise ValueError(f"umeyama needs two (N, 3) arrays, got {source.shape} and {target.shape}")
-    mean_s, mean_t = source.mean(0), target.mean(0)
-    centred_s, centred_t = source - mean_s, target - mean_t
-    covariance = centred_t.T @ centred_s / len(source)
-    U, D, Vt = np.linalg.svd(covariance)
-    S = np.eye(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        S[2, 2] = -1
-    R = U @ S @ Vt
-    variance_s = (centred_s ** 2).sum() / len(source)
-    scale = float(np.trace(np.diag(D) @ S) / variance_s) if with_scale else 1.0
-    t = mean_t - scale * R @ mean_s
+    """Least-squares similarity (R, t, s) with target ~ s R source + t, for (N, 3) point sets (Umeyama 1991;
+    ``geometry.sim3.umeyama``, collinear trajectories allowed)."""
+    from feature_matching_ros.geometry.sim3 import umeyama
+
+    scale, R, t = umeyama(source, target, with_scale=with_scale, allow_collinear=True)
     return R, t, scale
 
 

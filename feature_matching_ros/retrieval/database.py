@@ -3,7 +3,8 @@
 Each keyframe keeps what verification needs and nothing more: keypoints (float32 px), descriptors
 (float16 for float descriptors, packed uint8 for ORB), detector scores (float16), the depth sampled AT
 the keypoints (float32 metres, NaN = invalid; never the whole depth image), K, the backend pose
-T_map_camera (4x4, optional), stamp and id, and the global descriptor.
+T_map_camera (4x4, optional), stamp and id, the global descriptor, and optionally the backend's own sparse
+3D (:class:`MapPoints`: a monocular backend's map points in the keyframe's camera frame, backend units).
 
 Retrieval (``query``) returns the k best candidates by global similarity while excluding the recent
 past: keyframes within ``exclude_recent_seconds`` of the query stamp, the ``exclude_recent_count``
@@ -19,7 +20,7 @@ they go through a sparse inverted file (scipy CSR, words x keyframes) instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,10 +30,75 @@ from feature_matching_ros.features.base import Features
 
 
 @dataclass
+class MapPoints:
+    """The sparse 3D a SLAM backend holds for one keyframe, as its keyframe stores it: for each of its keypoints
+    that observes a map point, the keypoint's pixel and the map point in the keyframe's camera frame.
+
+    pixels: (P, 2) float32, undistorted pixel positions of the backend's keypoints ((0, 0) = centre of the
+    top-left pixel); points: (P, 3) float32, X_camera = T_camera_world X_world in the BACKEND's units (a
+    monocular map has an arbitrary, drifting scale: these are not metres, so they never stand in for depth).
+
+    Why pixels + points rather than 3D per extracted keypoint or a sparse depth image: the engine extracts its own
+    keypoints, which the backend never sees, and an ORB-SLAM3 bridge holds exactly these two arrays per keyframe
+    (``mvKeysUn[i]`` and ``Tcw * mvpMapPoints[i]->GetWorldPos()`` for the non-null ``i``); a sparse depth image
+    would round every point to a pixel and could not be told apart from metric depth. Matches find their 3D by
+    :meth:`at` (nearest backend keypoint within a radius), which serves keypoint and pixel matchers alike.
+    """
+
+    pixels: np.ndarray
+    points: np.ndarray
+    _tree: object | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.pixels = np.ascontiguousarray(self.pixels, np.float32)
+        self.points = np.ascontiguousarray(self.points, np.float32)
+
+    def __len__(self) -> int:
+        return int(len(self.pixels))
+
+    @staticmethod
+    def from_backend(pixels: np.ndarray, points: np.ndarray) -> "MapPoints":
+        """Validate a backend's (P, 2) pixels and (P, 3) camera-frame points. Rows with a non-finite value or a
+        point at or behind the camera (z <= 0) carry no usable 3D and are dropped; wrong shapes raise ValueError."""
+        pixels, points = np.asarray(pixels, np.float64), np.asarray(points, np.float64)
+        if pixels.ndim != 2 or pixels.shape[1] != 2:
+            raise ValueError(f"map point pixels must be (P, 2), got shape {pixels.shape}")
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"map points must be (P, 3) camera-frame coordinates, got shape {points.shape}")
+        if len(pixels) != len(points):
+            raise ValueError(f"{len(pixels)} map point pixels but {len(points)} map points")
+        keep = np.isfinite(pixels).all(1) & np.isfinite(points).all(1) & (points[:, 2] > 0)
+        return MapPoints(pixels[keep], points[keep])
+
+    def at(self, query: np.ndarray, radius_px: float) -> np.ndarray:
+        """(M, 3) float64 backend points at the (M, 2) matched pixels ``query``, NaN where none is near.
+
+        Each query takes the nearest backend keypoint within ``radius_px``; a backend point claimed by several
+        queries goes to the closest one only (one map point, one match, as in the backend)."""
+        from scipy.spatial import cKDTree
+
+        query = np.asarray(query, np.float64).reshape(-1, 2)
+        out = np.full((len(query), 3), np.nan)
+        if not len(self) or not len(query):
+            return out
+        if self._tree is None:
+            self._tree = cKDTree(self.pixels.astype(np.float64))
+        distance, nearest = self._tree.query(query, distance_upper_bound=radius_px)
+        found = np.flatnonzero(np.isfinite(distance))
+        # One-to-one: sort by distance, keep the first query of each backend point.
+        order = found[np.argsort(distance[found], kind="stable")]
+        _, first = np.unique(nearest[order], return_index=True)
+        chosen = order[first]
+        out[chosen] = self.points[nearest[chosen]]
+        return out
+
+
+@dataclass
 class Keyframe:
     """One stored keyframe. Shapes: keypoints (N, 2) float32 px; descriptors (N, D) float16 or (N, 32) uint8;
     scores (N,) float16; depth_at_keypoints (N,) float32 metres (NaN invalid) or None; global_descriptor (G,)
-    float32; K (3, 3) float64; T_map_camera (4, 4) float64 or None; image_size (W, H)."""
+    float32; K (3, 3) float64; T_map_camera (4, 4) float64 or None; image_size (W, H); map_points: the backend's
+    sparse 3D (:class:`MapPoints`, backend units) or None."""
 
     id: int
     stamp_ns: int
@@ -49,6 +115,7 @@ class Keyframe:
     # gray, and the depth image (H, W) float16 metres (NaN invalid) when there is one. ~0.9 MB per VGA keyframe.
     image: np.ndarray | None = None
     depth_image: np.ndarray | None = None
+    map_points: MapPoints | None = None
 
     def __len__(self) -> int:
         return int(len(self.keypoints))
@@ -97,6 +164,13 @@ class Keyframe:
         depth = self.depth_image[rows, cols].astype(np.float32)
         depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
         return depth
+
+    def points3d_at(self, points: np.ndarray, radius_px: float) -> np.ndarray | None:
+        """(M, 3) backend map points (camera frame, backend units, NaN where none) at (M, 2) matched pixels, or
+        None when the backend gave this keyframe no map points. See :meth:`MapPoints.at`."""
+        if self.map_points is None or not len(self.map_points):
+            return None
+        return self.map_points.at(points, radius_px)
 
     def to_features(self, device: torch.device | str = "cpu") -> Features:
         """Back to the matcher's :class:`Features` (float descriptors re-normalised after float16 storage)."""

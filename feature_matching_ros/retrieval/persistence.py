@@ -6,6 +6,11 @@ Layout (format version ``MAP_FORMAT_VERSION``)::
                                 "feature_config", "global_descriptor", "retrieval", "files": {name: {sha256, bytes}}}
     MAP/<array>.npy            concatenated per-keyframe arrays (see ``_ARRAYS``), offsets.npy splits them
     MAP/images.npy, depth_images.npy   only in detector-free maps (eloftr, loftr): (n, H, W) pixels per keyframe
+    MAP/map_point_offsets.npy, map_point_pixels.npy, map_points.npy   only when a backend gave keyframes map
+                               points (monocular Sim3): (n + 1,) int64 offsets, (P, 2) float32 px, (P, 3) float32
+                               camera-frame backend units; a keyframe with an empty slice has none
+Optional arrays are absent from maps that have nothing to store, so maps written before they existed load as
+they are (same format version).
 
 Safety: arrays are read with ``np.load(allow_pickle=False)`` and metadata with ``json``, so a map from
 elsewhere cannot execute code; every file's size and sha256 are checked against the manifest before
@@ -40,14 +45,15 @@ from typing import Any
 
 import numpy as np
 
-from feature_matching_ros.retrieval.database import Keyframe, KeyframeDatabase, RetrievalConfig
+from feature_matching_ros.retrieval.database import Keyframe, KeyframeDatabase, MapPoints, RetrievalConfig
 
 MAP_FORMAT = "feature_matching_ros.map"
 MAP_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _ARRAYS = ("ids", "stamps_ns", "offsets", "keypoints", "descriptors", "scores", "depth_at_keypoints",
            "has_depth", "K", "T_map_camera", "has_pose", "image_sizes", "global_descriptors")
-_OPTIONAL_ARRAYS = ("images", "depth_images")  # detector-free maps (eloftr, loftr) keep the keyframe pixels
+# Detector-free maps (eloftr, loftr) keep the keyframe pixels; monocular backends' keyframes their map points.
+_OPTIONAL_ARRAYS = ("images", "depth_images", "map_point_offsets", "map_point_pixels", "map_points")
 
 
 class MapFormatError(RuntimeError):
@@ -110,7 +116,19 @@ def _pack(database: KeyframeDatabase) -> dict[str, np.ndarray]:
         "image_sizes": np.array([k.image_size for k in keyframes], np.int64).reshape(n, 2),
         "global_descriptors": np.array([k.global_descriptor for k in keyframes], np.float32).reshape(
             n, database.global_dim),
-    } | _pack_images(keyframes)
+    } | _pack_images(keyframes) | _pack_map_points(keyframes)
+
+
+def _pack_map_points(keyframes: list[Keyframe]) -> dict[str, np.ndarray]:
+    """Backend map points of every keyframe, concatenated; nothing when no keyframe has any."""
+    if all(k.map_points is None for k in keyframes):
+        return {}
+    counts = [len(k.map_points) if k.map_points is not None else 0 for k in keyframes]
+    return {"map_point_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "map_point_pixels": np.concatenate([k.map_points.pixels for k in keyframes if k.map_points is not None]
+                                               ).astype(np.float32).reshape(-1, 2),
+            "map_points": np.concatenate([k.map_points.points for k in keyframes if k.map_points is not None]
+                                         ).astype(np.float32).reshape(-1, 3)}
 
 
 def _pack_images(keyframes: list[Keyframe]) -> dict[str, np.ndarray]:
@@ -297,6 +315,22 @@ def load_map(directory: Path | str, feature_config: dict[str, Any] | None = None
     return _unpack(arrays, manifest, retrieval_config), manifest
 
 
+def _check_map_points(arrays: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+    names = ("map_point_offsets", "map_point_pixels", "map_points")
+    present = [name for name in names if name in arrays]
+    if not present:
+        return None
+    if len(present) != len(names):
+        raise MapFormatError(f"map has {present} but not all of {list(names)}")
+    offsets, pixels, points = (arrays[name] for name in names)
+    total = len(pixels)
+    if offsets.shape != (n + 1,) or pixels.shape != (total, 2) or points.shape != (total, 3) or (
+            n and (offsets[0] != 0 or offsets[-1] != total or np.any(np.diff(offsets) < 0))):
+        raise MapFormatError(f"map point arrays are inconsistent: offsets {offsets.shape}, pixels {pixels.shape}, "
+                             f"points {points.shape} for {n} keyframes")
+    return offsets
+
+
 def _unpack(arrays: dict[str, np.ndarray], manifest: dict[str, Any],
             retrieval_config: RetrievalConfig | None) -> KeyframeDatabase:
     n = int(manifest["counts"]["keyframes"])
@@ -329,13 +363,18 @@ def _unpack(arrays: dict[str, np.ndarray], manifest: dict[str, Any],
             global_descriptor=arrays["global_descriptors"][i].copy(),
             T_map_camera=arrays["T_map_camera"][i].copy() if arrays["has_pose"][i] else None,
             depth_at_keypoints=arrays["depth_at_keypoints"][lo:hi].copy() if arrays["has_depth"][i] else None))
-    for name in _OPTIONAL_ARRAYS:
+    for name in ("images", "depth_images"):
         if name in arrays and (arrays[name].ndim != 3 or len(arrays[name]) != n):
             raise MapFormatError(f"map array {name} has shape {arrays[name].shape}, expected ({n}, H, W)")
+    map_point_offsets = _check_map_points(arrays, n)
     for i, keyframe in enumerate(keyframes):
         if "images" in arrays:
             keyframe.image = arrays["images"][i].copy()
         if "depth_images" in arrays and arrays["has_depth"][i]:
             keyframe.depth_image = arrays["depth_images"][i].copy()
+        if map_point_offsets is not None and map_point_offsets[i + 1] > map_point_offsets[i]:
+            lo, hi = int(map_point_offsets[i]), int(map_point_offsets[i + 1])
+            keyframe.map_points = MapPoints(arrays["map_point_pixels"][lo:hi].copy(),
+                                            arrays["map_points"][lo:hi].copy())
     database.add_many(keyframes)
     return database
