@@ -23,6 +23,9 @@ class ReasonCode(str, Enum):
     ESSENTIAL_FAILED = "essential_failed"
     TOO_FEW_ESSENTIAL_INLIERS = "too_few_essential_inliers"
     TOO_FEW_HOMOGRAPHY_INLIERS = "too_few_homography_inliers"
+    TOO_FEW_3D_MATCHES = "too_few_3d_matches"
+    SIM3_FAILED = "sim3_failed"
+    TOO_FEW_SIM3_INLIERS = "too_few_sim3_inliers"
     DEGENERATE = "degenerate_geometry"
     CHEIRALITY = "behind_cameras"
     NO_KEYPOINTS = "no_keypoints"
@@ -55,12 +58,16 @@ VERIFICATION_FAILED = "geometric verification failed: "
 _PREFIXES: tuple[tuple[str, ReasonCode], ...] = (
     ("ok", ReasonCode.OK),
     ("too few matches with valid depth", ReasonCode.TOO_FEW_DEPTH_MATCHES),
+    ("too few matches with 3D on both sides", ReasonCode.TOO_FEW_3D_MATCHES),
     ("too few matches", ReasonCode.TOO_FEW_MATCHES),
     ("PnP RANSAC found no pose", ReasonCode.PNP_FAILED),
     ("too few PnP inliers", ReasonCode.TOO_FEW_PNP_INLIERS),
     ("essential matrix estimation failed", ReasonCode.ESSENTIAL_FAILED),
     ("too few essential-matrix inliers", ReasonCode.TOO_FEW_ESSENTIAL_INLIERS),
     ("too few homography inliers", ReasonCode.TOO_FEW_HOMOGRAPHY_INLIERS),
+    ("Sim3 RANSAC", ReasonCode.SIM3_FAILED),
+    ("Sim3 inliers are degenerate", ReasonCode.SIM3_FAILED),
+    ("too few Sim3 inliers", ReasonCode.TOO_FEW_SIM3_INLIERS),
     ("degenerate", ReasonCode.DEGENERATE),
     ("too few inliers in front of both cameras", ReasonCode.CHEIRALITY),
     ("no keypoints", ReasonCode.NO_KEYPOINTS),
