@@ -703,7 +703,7 @@ def test_reliable_image_qos_and_the_stalled_image_warning(aux, stereo):
         aux.camera_info.publish(info)
         time.sleep(0.1)
         return aux.node.counters().get("images.stalled", 0) > 0
-    aux.wait_for(stalled, 10.0, "stalled image warning")
+    aux.wait_for(stalled, 30.0, "stalled image warning")  # a busy 2-core runner delays the check
     status = _wait_status(aux, "inputs", 1)
     assert "image_qos" in status.message, status.message
     image = conv.numpy_to_image(stereo["right"], "rgb8")
