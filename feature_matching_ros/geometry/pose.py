@@ -272,15 +272,20 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
         return RelativePose(False, f"too few inliers in front of both cameras: {int(inliers.sum())}",
                             inliers=inliers, method="essential")
     t = t.ravel() / max(np.linalg.norm(t), 1e-12)
-    r0, r1 = rays0[inliers], rays1[inliers]
-    residuals = _sampson_residuals(R, t, r0, r1)
-    jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
+    information = _direction_information(R, t, rays0[inliers], rays1[inliers], mean_focal)
+    return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="essential")
+
+
+def _direction_information(R: np.ndarray, t: np.ndarray, rays0: np.ndarray, rays1: np.ndarray,
+                           mean_focal: float) -> np.ndarray:
+    """Information of a monocular pose (unit t) from the Sampson residuals of its inlier rays, exactly zero along
+    t: Sampson residuals ignore the length of t, and the direction is projected out for numerical hygiene."""
+    residuals = _sampson_residuals(R, t, rays0, rays1)
+    jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), rays0, rays1))
     information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
-    # Sampson residuals ignore the length of t: project that direction out explicitly for numerical hygiene.
     projector = np.eye(6)
     projector[:3, :3] -= np.outer(t, t)
-    information = projector.T @ information @ projector
-    return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="essential")
+    return projector.T @ information @ projector
 
 
 _HOMOGRAPHY_TIE_DEG = 1.0  # the chosen decomposition's rotation must be this much closer to the essential one
@@ -303,7 +308,6 @@ def _pose_homography(H: np.ndarray, inliers: np.ndarray, rays0: np.ndarray, rays
     scenes are rarely exactly planar). It must be clearly closer (``_HOMOGRAPHY_TIE_DEG``) or the pair is refused
     as ambiguous. The information is that of the essential-matrix residuals, zero along t (scale).
     """
-    count = len(rays0)
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few homography inliers: {int(inliers.sum())} < min_inliers="
                             f"{config.min_inliers}", inliers=inliers, method="homography")
@@ -332,10 +336,5 @@ def _pose_homography(H: np.ndarray, inliers: np.ndarray, rays0: np.ndarray, rays
                             "decomposition ambiguous)", inliers=inliers, method="homography")
     R, t = rotations[ranked[0][1]], translations[ranked[0][1]].ravel()
     t = t / np.linalg.norm(t)
-    residuals = _sampson_residuals(R, t, r0, r1)
-    jacobian = _numeric_jacobian(lambda d: _sampson_residuals(*_perturb(R, t, d), r0, r1))
-    information = _information(jacobian, residuals, floor=PIXEL_SIGMA_FLOOR_PX / mean_focal)
-    projector = np.eye(6)
-    projector[:3, :3] -= np.outer(t, t)
-    information = projector.T @ information @ projector
+    information = _direction_information(R, t, r0, r1, mean_focal)
     return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="homography")
