@@ -212,19 +212,9 @@ def generate_sequence(out_dir: Path | str, scene: str = "office", frames: int = 
     Returns the bag directory. Raises FileExistsError if ``out_dir`` is not empty (unless ``overwrite``).
     """
     _check_args(scene, frames, width, height, storage)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty (use --overwrite)")
-        import shutil
+    from feature_matching_ros.bag.image_folder import prepare_output
 
-        for name in ("bag", "loops.json", "sequence.json"):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output(out_dir, overwrite)
 
     backend = MonocularBackend()
     plan = plan_sequence(scene, frames, seed, width, height,
