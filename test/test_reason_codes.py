@@ -4,7 +4,8 @@ The reasons are found in the engine's SOURCES (ast), so a reason added later wit
 the leading literal text of every string given as a failure reason -- RelativePose(False, ...),
 Relocalization(False, ...), KeyframeResult(..., reason, ...), ``x.reason = ...``, ``reason = ...`` and the
 returns of reason-returning checks (functions annotated ``-> str | None``) -- in every core module that deals
-with poses or loops.
+with poses or loops. Likewise every error sentence that rejects a keyframe's map points must map to a
+``map_points_*`` code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from feature_matching_ros.ros.reason_codes import VERIFICATION_FAILED, ReasonCode, reason_code
+from feature_matching_ros.ros.reason_codes import MAP_POINTS_CODES, VERIFICATION_FAILED, ReasonCode, reason_code
 
 PACKAGE = Path(__file__).resolve().parents[1] / "feature_matching_ros"
 
@@ -83,6 +84,34 @@ def test_every_engine_reason_has_a_code(text, where):
     assert reason_code(text) is not ReasonCode.OTHER, f"{where}: reason {text!r} has no code in reason_codes.py"
 
 
+# The functions whose error sentences become the reason of a rejected Keyframe.map_points, and the calls that carry
+# them: ValueError in the bag layer's converter, the node conversion's own error helper.
+MAP_POINTS_SOURCES = (("bag/convert.py", "msg_to_map_points", "ValueError"),
+                      ("ros/conversions.py", "cloud_to_map_points", "_map_points_error"))
+
+
+def _map_points_reasons() -> dict[str, str]:
+    """{leading text: 'file:line'} of every error sentence raised for unusable map points."""
+    reasons: dict[str, str] = {}
+    for relative, function, error in MAP_POINTS_SOURCES:
+        tree = ast.parse((PACKAGE / relative).read_text())
+        body = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function)
+        for node in ast.walk(body):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == error and node.args:
+                for text in _leading_text(node.args[0]):
+                    reasons.setdefault(text, f"{relative}:{node.lineno}")
+    return reasons
+
+
+def test_the_scan_finds_the_map_point_reasons():
+    assert len(_map_points_reasons()) >= 4, _map_points_reasons()
+
+
+@pytest.mark.parametrize("text, where", sorted(_map_points_reasons().items()))
+def test_every_map_points_reason_has_a_map_points_code(text, where):
+    assert reason_code(text) in MAP_POINTS_CODES, f"{where}: reason {text!r} has no map_points_* code"
+
+
 @pytest.mark.parametrize("reason, code", [
     ("inlier ratio 0.44 < min_inlier_ratio=0.5", ReasonCode.LOW_INLIER_RATIO),
     ("geometric verification failed: too few matches with valid depth: 3 < 15", ReasonCode.TOO_FEW_DEPTH_MATCHES),
@@ -94,6 +123,8 @@ def test_every_engine_reason_has_a_code(text, where):
     ("no candidate verified (kf 3: too few inliers: 2 < min_inliers=20)", ReasonCode.NO_CANDIDATE_VERIFIED),
     ("ok", ReasonCode.OK),
     ("something new the engine never said", ReasonCode.OTHER),
+    ("map point cloud lacks float32 fields ['y', 'z'] (needs u, v, x, y, z)", ReasonCode.MAP_POINTS_MISSING_FIELDS),
+    ("map points contain NaN or infinite values (1 of 2 points)", ReasonCode.MAP_POINTS_NOT_FINITE),
 ])
 def test_reason_examples(reason, code):
     assert reason_code(reason) is code

@@ -148,17 +148,28 @@ def map_points_to_msg(pixels: np.ndarray, points: np.ndarray, stamp_ns: int, fra
 
 
 def msg_to_map_points(msg) -> tuple[np.ndarray, np.ndarray]:
-    """sensor_msgs/PointCloud2 with float32 fields u, v, x, y, z (any order, any point_step) -> ((P, 2) pixels,
-    (P, 3) camera-frame points). A cloud without those fields raises ValueError naming what is missing."""
+    """sensor_msgs/PointCloud2 (a rosbags or an rclpy message) with float32 fields u, v, x, y, z (any order, any
+    point_step, rows padded to row_step) -> ((P, 2) pixels, (P, 3) camera-frame points), P = height x width.
+
+    Raises ValueError naming what is wrong: a field that is missing or not float32 ("map point cloud lacks ..."), or
+    a layout the data does not fit ("map point cloud size: ..."). Values are returned as they are (NaN included):
+    what counts as a usable point is the caller's decision."""
     offsets = {f.name: int(f.offset) for f in msg.fields if int(f.datatype) == _FLOAT32}
     missing = [name for name in MAP_POINT_FIELDS if name not in offsets]
     if missing:
         raise ValueError(f"map point cloud lacks float32 fields {missing} (needs {', '.join(MAP_POINT_FIELDS)})")
-    count, step = int(msg.width) * int(msg.height), int(msg.point_step)
-    raw = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
-    if step < 4 or len(raw) < count * step:
-        raise ValueError(f"map point cloud has {len(raw)} bytes for {count} points of {step} bytes")
-    rows = raw[:count * step].reshape(count, step)
+    height, width, step, row_step = int(msg.height), int(msg.width), int(msg.point_step), int(msg.row_step)
+    beyond = [name for name in MAP_POINT_FIELDS if offsets[name] + 4 > step]
+    if beyond:
+        raise ValueError(f"map point cloud size: fields {beyond} end beyond point_step {step}")
+    if row_step < width * step:
+        raise ValueError(f"map point cloud size: row_step {row_step} < width {width} x point_step {step}")
+    data = msg.data
+    raw = np.asarray(data, np.uint8).reshape(-1) if isinstance(data, (list, tuple)) else np.frombuffer(data, np.uint8)
+    if len(raw) != height * row_step:
+        raise ValueError(f"map point cloud size: {len(raw)} bytes of data for height {height} x row_step {row_step} "
+                         f"= {height * row_step} ({height * width} points of {step} bytes)")
+    rows = raw.reshape(height, row_step)[:, :width * step].reshape(height * width, step)
     dtype = np.dtype(">f4" if msg.is_bigendian else "<f4")
     column = lambda name: rows[:, offsets[name]:offsets[name] + 4].copy().view(dtype).reshape(-1)  # noqa: E731
     pixels = np.stack([column("u"), column("v")], 1).astype(np.float32)

@@ -6,7 +6,8 @@
 The node runs in this process (its own rclpy context, a MultiThreadedExecutor thread) on a random
 ROS_DOMAIN_ID with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, so nothing else on the network sees it. A player
 node publishes every (N-th) image of the bag as a feature_matching_ros/Keyframe (image + depth + camera info +
-pose, keyframe id = image index, the bag's stamps) on a reliable publisher, at the recorded timing divided by
+pose + the backend's map points of monocular bags, keyframe id = image index, the bag's stamps) on a reliable
+publisher, at the recorded timing divided by
 --rate, and subscribes to loop_closures. Keyframe poses come from the odometry topic (--pose-source odom,
 the default and what `fmr evaluate` feeds the engine: a SLAM frontend's poses) or from the ground-truth topic.
 
@@ -59,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--pose-topic", default="/ground_truth/pose", help="ground-truth PoseStamped (T_map_camera)")
     parser.add_argument("--odom-topic", default="/odom", help="odometry (the backend poses)")
     parser.add_argument("--no-depth", action="store_true", help="ignore the depth topic (monocular)")
+    parser.add_argument("--map-points-topic", default="/slam/map_points",
+                        help="a monocular backend's map points per keyframe (sensor_msgs/PointCloud2 u, v, x, y, z), "
+                             "published inside each Keyframe as map_points (Sim3 loops); '' to leave them out")
     parser.add_argument("--keyframe-every", type=int, default=1, help="use every N-th image as a keyframe")
     parser.add_argument("--max-frames", type=int, help="stop after this many images")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
@@ -101,6 +105,8 @@ def _keyframe_message(frame, pose: np.ndarray | None, pose_frame: str):
     msg.image.header.stamp, msg.image.header.frame_id = msg.header.stamp, "camera_optical_frame"
     if frame.depth is not None:
         msg.depth = conv.numpy_to_image(frame.depth.astype(np.float32), "32FC1", msg.image.header)
+    if frame.map_points is not None:
+        msg.map_points = conv.map_points_to_cloud(*frame.map_points, frame.stamp_ns, msg.image.header.frame_id)
     msg.camera_info = CameraInfo(header=msg.image.header, width=frame.image.shape[1], height=frame.image.shape[0],
                                  distortion_model="plumb_bob")
     msg.camera_info.k = np.asarray(frame.K, np.float64).ravel()
@@ -137,6 +143,7 @@ def replay_frames(frames, parameters: dict[str, Any], rate: float, pose_source: 
             received.append({"query_id": int(msg.query_id), "match_id": int(msg.match_id),
                              "num_inliers": int(msg.num_inliers), "num_matches": int(msg.num_matches),
                              "accepted": bool(msg.accepted), "metric_scale": bool(msg.metric_scale),
+                             "method": msg.method, "scale": float(msg.scale),
                              "T_match_query": conv.transform_to_matrix(msg.t_match_query),
                              "retrieval_score": float(msg.retrieval_score), "reason": msg.reason})
 
@@ -173,9 +180,11 @@ def replay_frames(frames, parameters: dict[str, Any], rate: float, pose_source: 
 
         def settled() -> bool:
             counters = node.counters()
+            # Rejected map points do not reject their keyframe (it is processed without them): not counted here.
             done = (counters.get("keyframes_processed", 0) + counters.get("dropped.keyframes", 0)
                     + counters.get("keyframes.pose_updates", 0)
-                    + sum(v for k, v in counters.items() if k.startswith("rejected.")))
+                    + sum(v for k, v in counters.items()
+                          if k.startswith("rejected.") and not k.startswith("rejected.map_points_")))
             with lock:
                 return done >= len(frames) and len(received) >= counters.get("loop_closures.accepted", 0)
 
@@ -221,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     override = preset_override(parameters)
     _, engine_config = build_configs(args.config, override)  # invalid overrides fail here, before any DDS
     topics = SequenceTopics(image=args.image_topic, depth="" if args.no_depth else args.depth_topic,
-                            camera_info=args.camera_info_topic, ground_truth=args.pose_topic, odometry=args.odom_topic)
+                            camera_info=args.camera_info_topic, ground_truth=args.pose_topic, odometry=args.odom_topic,
+                            map_points=args.map_points_topic)
     frames = load_frames(args.bag, topics, args.keyframe_every, args.max_frames, None)
     missing = [f.index for f in frames if (f.T_odom if args.pose_source == "odom" else f.T_gt) is None]
     if missing:
@@ -246,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         "keyframe_every": args.keyframe_every, "gt_loops": len(gt), "gt_source": gt_source,
         "loop": detection_metrics(accepted, frames, gt, engine_config.retrieval),
         "node": {"processed": counters.get("keyframes_processed", 0), "dropped": dropped,
+                 "with_map_points": counters.get("keyframes.with_map_points", 0),
+                 "sim3_loops_accepted": sum(loop["accepted"] and loop["method"] == "sim3" for loop in replay["loops"]),
                  "rejected": {k: v for k, v in counters.items() if k.startswith("rejected.")},
                  "loop_closures_accepted": counters.get("loop_closures.accepted", 0),
                  "loop_closures_rejected_by_reason": {k.split(".", 2)[2]: v for k, v in counters.items()

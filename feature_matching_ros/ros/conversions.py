@@ -7,6 +7,9 @@ raises :class:`ConversionError` whose ``kind`` is a short stable key the node co
 
 Poses: ``T_a_b`` 4x4 matrices (maps points from b to a). Covariances and information matrices are 6x6 in ROS
 order (x, y, z, rot x, rot y, rot z).
+
+Backend map points (Keyframe.map_points, sensor_msgs/PointCloud2 with float32 u, v, x, y, z): decoded by the bag
+layer's converter (bag/convert.py), the one reader of that layout, then checked for what the core cannot use.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import math
 import numpy as np
 from geometry_msgs.msg import Pose, Quaternion, Transform, Vector3
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, PointCloud2
+
+from feature_matching_ros.bag import convert as bag_convert
+from feature_matching_ros.ros.reason_codes import reason_code
 
 # encoding -> (sample dtype, channels)
 _ENCODINGS: dict[str, tuple[np.dtype, int]] = {
@@ -168,3 +174,50 @@ def stamp_to_seconds(stamp) -> float:
 
 def finite_or_zero(value: float) -> float:
     return float(value) if math.isfinite(value) else 0.0
+
+
+def map_points_to_cloud(pixels: np.ndarray, points: np.ndarray, stamp_ns: int, frame_id: str) -> PointCloud2:
+    """(P, 2) keypoint pixels + (P, 3) camera-frame points -> Keyframe.map_points: the bag layer's cloud
+    (bag/convert.py ``map_points_to_msg``) carried over to the rclpy type through its serialised bytes."""
+    from rclpy.serialization import deserialize_message
+
+    msg = bag_convert.map_points_to_msg(pixels, points, stamp_ns, frame_id)
+    data = bag_convert.typestore().serialize_cdr(msg, "sensor_msgs/msg/PointCloud2")
+    return deserialize_message(bytes(data), PointCloud2)
+
+
+def _map_points_error(message: str) -> ConversionError:
+    return ConversionError(reason_code(message).value, message)
+
+
+def cloud_to_map_points(cloud: PointCloud2, width: int, height: int, drop_outside: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Keyframe.map_points -> ((P, 2) float32 pixels, (P, 3) float32 camera-frame points, number of points dropped
+    outside the image), or None for an empty cloud (the keyframe has none).
+
+    The whole cloud is refused -- ConversionError whose ``kind`` is a ``map_points_*`` reason code
+    (reason_codes.py) -- when its fields or size do not fit the layout, when any value is NaN or infinite (a
+    backend that sends those has lost track of its points), or when a pixel lies outside the ``width`` x ``height``
+    image ((0, 0) = centre of the top-left pixel, so [-0.5, width - 0.5] x [-0.5, height - 0.5]): pixels of
+    another resolution or camera would attach 3D to the wrong keypoints. ``drop_outside``: the image was distorted
+    and the node undistorts it to the same size, so a backend's undistorted keypoints near the borders may
+    legitimately fall outside it; those points are dropped (and counted by the caller) instead."""
+    if int(cloud.width) * int(cloud.height) == 0 and len(cloud.data) == 0:
+        return None
+    try:
+        pixels, points = bag_convert.msg_to_map_points(cloud)
+    except ValueError as error:
+        raise _map_points_error(str(error)) from error
+    finite = np.isfinite(pixels).all(1) & np.isfinite(points).all(1)
+    if not finite.all():
+        raise _map_points_error(f"map points contain NaN or infinite values ({int((~finite).sum())} of "
+                                f"{len(finite)} points)")
+    inside = ((pixels >= -0.5).all(1) & (pixels[:, 0] <= width - 0.5) & (pixels[:, 1] <= height - 0.5))
+    if not inside.all() and not drop_outside:
+        outside = pixels[~inside]
+        raise _map_points_error(f"map point pixels outside the image: {len(outside)} of {len(pixels)} points, "
+                                f"u in [{pixels[:, 0].min():.1f}, {pixels[:, 0].max():.1f}], v in "
+                                f"[{pixels[:, 1].min():.1f}, {pixels[:, 1].max():.1f}] for a {width}x{height} "
+                                "image (pixels of another resolution or camera?)")
+    dropped = int((~inside).sum())
+    return pixels[inside], points[inside], dropped

@@ -1,9 +1,11 @@
 """Engine records -> outgoing messages of relocalization_node (LoopClosure, Matches, PoseWithCovarianceStamped).
 
 Conventions: LoopClosure.information is the engine's (geometry/covariance.py: left perturbation of
-T_match_query in the match keyframe's frame, (tx, ty, tz, rx, ry, rz)); the relocalization pose covariance is
-the ROS PoseWithCovariance convention (position in the map frame, rotation about the fixed map axes), computed
-from the verified loop by :func:`~feature_matching_ros.geometry.covariance.relocalization_covariance`.
+T_match_query in the match keyframe's frame, (tx, ty, tz, rx, ry, rz)); LoopClosure.scale and information_sim3 carry
+a Sim3 loop's scale and 7x7 information (geometry/sim3.py: left, (tx, ty, tz, rx, ry, rz, log s); zero for other
+loops); the relocalization pose covariance is the ROS PoseWithCovariance convention (position in the map frame,
+rotation about the fixed map axes), computed from the verified loop by
+:func:`~feature_matching_ros.geometry.covariance.relocalization_covariance`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def loop_msg(loop: LoopRecord, map_frame: str, now: Time) -> LoopClosure:
     msg.query_id, msg.match_id = int(loop.query_id), int(loop.match_id)
     msg.query_stamp, msg.match_stamp = stamp(loop.query_stamp_ns), stamp(loop.match_stamp_ns)
     msg.t_match_query = conv.matrix_to_transform(loop.T_match_query)
+    msg.method = "" if loop.method == "none" else loop.method
     msg.scale, msg.metric_scale = float(loop.scale), bool(loop.metric)
     msg.information = np.asarray(loop.information, np.float64).ravel()
+    if loop.information_sim3 is not None:
+        msg.information_sim3 = np.asarray(loop.information_sim3, np.float64).ravel()
     msg.num_matches, msg.num_inliers = int(loop.num_matches), int(loop.num_inliers)
     msg.retrieval_score = float(loop.retrieval_score)
     msg.accepted, msg.reason = bool(loop.accepted), loop.reason

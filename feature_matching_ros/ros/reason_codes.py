@@ -6,6 +6,11 @@ need a small, fixed vocabulary instead, so a reason is mapped to a :class:`Reaso
 always starts it with. Verification failures are wrapped as "geometric verification failed: <pose reason>" and
 keep the code of the pose reason. A reason no prefix knows maps to ``other`` (test_reason_codes.py scans the
 engine's sources so that a new reason without a code fails a test rather than a dashboard).
+
+Backend map points of a keyframe (Keyframe.map_points) that cannot be used are rejected on their own -- the keyframe
+is processed without them -- and counted as ``rejected.<code>`` with the ``map_points_*`` codes, mapped the same way
+from the converter's sentences (bag/convert.py ``msg_to_map_points``, ros/conversions.py ``cloud_to_map_points``;
+test_reason_codes.py scans those too).
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ class ReasonCode(str, Enum):
     NO_ELIGIBLE_CANDIDATES = "no_eligible_candidates"
     NO_CANDIDATES = "no_candidates"
     NO_CANDIDATE_VERIFIED = "no_candidate_verified"
+    # backend map points of a keyframe, rejected while the keyframe is processed without them
+    MAP_POINTS_MISSING_FIELDS = "map_points_missing_fields"
+    MAP_POINTS_SIZE_MISMATCH = "map_points_size_mismatch"
+    MAP_POINTS_NOT_FINITE = "map_points_not_finite"
+    MAP_POINTS_OUTSIDE_IMAGE = "map_points_outside_image"
     OTHER = "other"
 
 
@@ -89,7 +99,13 @@ _PREFIXES: tuple[tuple[str, ReasonCode], ...] = (
     ("no eligible candidates", ReasonCode.NO_ELIGIBLE_CANDIDATES),
     ("no candidates", ReasonCode.NO_CANDIDATES),
     ("no candidate verified", ReasonCode.NO_CANDIDATE_VERIFIED),
+    ("map point cloud lacks", ReasonCode.MAP_POINTS_MISSING_FIELDS),
+    ("map point cloud size", ReasonCode.MAP_POINTS_SIZE_MISMATCH),
+    ("map points contain NaN", ReasonCode.MAP_POINTS_NOT_FINITE),
+    ("map point pixels outside the image", ReasonCode.MAP_POINTS_OUTSIDE_IMAGE),
 )
+
+MAP_POINTS_CODES = frozenset(code for code in ReasonCode if code.value.startswith("map_points_"))
 
 
 def reason_code(reason: str) -> ReasonCode:

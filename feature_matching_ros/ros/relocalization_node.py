@@ -7,6 +7,10 @@ Topics (relative names, remap or namespace them):
                                                                 pose, updates that keyframe's pose (engine.update_poses:
                                                                 the backend's optimised poses feed the odometry gate
                                                                 and relocalization); without a pose it is rejected.
+                                                                Its map_points (a monocular backend's sparse 3D)
+                                                                make monocular loops Sim3s (LoopClosure.scale); a
+                                                                cloud that cannot be used is rejected on its own
+                                                                (rejected.map_points_*) and the keyframe goes on.
        loop_candidates (feature_matching_ros/LoopCandidates) -> engine.verify_candidates: verify keyframes the
                                                                 backend names (no retrieval, same acceptance rules).
        image, camera_info (+ depth with subscribe_depth)     -> engine.relocalize (if relocalize_on_image); QoS
@@ -30,7 +34,8 @@ Services run on their own callback group and share the engine with the worker th
 
 Bad input (unsupported encoding, step mismatch, empty image, missing/invalid camera info, distortion it cannot
 or may not undo, NaN pose, bad depth, core ImageError, unknown keyframe ids) is rejected, counted by kind
-(:meth:`counters`, diagnostics) and logged (throttled per kind). Loop verdicts and relocalization failures
+(:meth:`counters`, diagnostics) and logged (throttled per kind). Unusable map points are rejected the same way
+under their reason code (``rejected.map_points_*``) while their keyframe is processed without them. Loop verdicts and relocalization failures
 are counted by stable reason codes (reason_codes.py); the full reason with its values goes to the log and to
 LoopClosure.reason. Diagnostics levels describe the recent window (diagnostics.py).
 """
@@ -102,10 +107,14 @@ class _Frame:
     K: np.ndarray
     depth: np.ndarray | None = None
     T_map_camera: np.ndarray | None = None
+    undistorted: bool = False  # the image was distorted and has been undistorted to the pinhole K
+    # The backend's map points of a keyframe: ((P, 2) pixels, (P, 3) camera-frame points, backend units).
+    map_points: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.image.nbytes + (self.depth.nbytes if self.depth is not None else 0)
+        arrays = [self.image, self.depth, *(self.map_points or ())]
+        return sum(array.nbytes for array in arrays if array is not None)
 
 
 class _LatencyStats:
@@ -382,7 +391,8 @@ class RelocalizationNode(NodeServices, Node):
             self._count("images.undistorted")
         self._latency.add("convert", (time.perf_counter() - start) * 1e3)
         return _Frame(int(keyframe_id), header.stamp.sec * 1_000_000_000 + header.stamp.nanosec,
-                      image_msg.header.frame_id or header.frame_id, map_frame or self.map_frame, image, model.K, depth)
+                      image_msg.header.frame_id or header.frame_id, map_frame or self.map_frame, image, model.K, depth,
+                      undistorted=model.distortion is not None)
 
     # ------------------------------------------------------------------ keyframes and loop closures
     def _on_keyframe(self, msg: Keyframe) -> None:
@@ -395,7 +405,26 @@ class RelocalizationNode(NodeServices, Node):
         except conv.ConversionError as error:
             self._reject(error.kind, f"keyframe {msg.id}: {error}")
             return
+        frame.map_points = self._map_points(msg, frame)
         self._push_map_work(Job("keyframe", frame, time.monotonic(), frame.nbytes))
+
+    def _map_points(self, msg: Keyframe, frame: _Frame) -> tuple[np.ndarray, np.ndarray] | None:
+        """The keyframe's backend map points, or None: absent, or rejected (counted by reason code and logged; the
+        keyframe is still processed, as a monocular keyframe without them)."""
+        height, width = frame.image.shape[:2]
+        try:
+            converted = conv.cloud_to_map_points(msg.map_points, width, height, drop_outside=frame.undistorted)
+        except conv.ConversionError as error:
+            self._reject(error.kind, f"keyframe {msg.id}: map points ignored, the keyframe is processed without "
+                         f"them: {error}")
+            return None
+        if converted is None:
+            return None
+        pixels, points, outside = converted
+        if outside:
+            self._count("map_points.outside_undistorted_image", outside)
+        self._count("keyframes.with_map_points")
+        return pixels, points
 
     def _in_map(self, keyframe_id: int) -> bool:
         try:
@@ -416,7 +445,8 @@ class RelocalizationNode(NodeServices, Node):
                 return
             insert = len(self.engine.database) < self._max_keyframes
             result = self.engine.process_keyframe(frame.image, frame.K, frame.stamp_ns, keyframe_id=frame.keyframe_id,
-                                                  T_map_camera=frame.T_map_camera, depth=frame.depth, insert=insert)
+                                                  T_map_camera=frame.T_map_camera, depth=frame.depth, insert=insert,
+                                                  map_points=frame.map_points)
         self._latency.add_all({f"keyframe.{k}": v for k, v in result.timing_ms.items()})
         self._count("keyframes_processed")
         if insert:
