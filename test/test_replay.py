@@ -28,7 +28,8 @@ OVERRIDES = ["engine.retrieval.exclude_recent_seconds=1.0", "engine.retrieval.ex
 
 
 def _fmr(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The repository first; the rest of the caller's path stays (it may hold the interfaces of a build elsewhere).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     return subprocess.run([sys.executable, "-m", "feature_matching_ros.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -146,6 +146,91 @@ def test_undistortion_puts_points_where_the_pinhole_camera_sees_them(model, d):
     assert np.linalg.norm(distorted - pinhole, axis=1).max() > 10
 
 
+# ---------------------------------------------------------------------------------------------- map points
+def _cloud(pixels: np.ndarray, points: np.ndarray):
+    from feature_matching_ros.ros.conversions import map_points_to_cloud
+
+    return map_points_to_cloud(pixels, points, 1_000_000_000, "camera_optical_frame")
+
+
+def _map_points_kind(cloud, width: int = 320, height: int = 240) -> str:
+    from feature_matching_ros.ros.conversions import cloud_to_map_points
+
+    with pytest.raises(ConversionError) as error:
+        cloud_to_map_points(cloud, width, height)
+    return error.value.kind
+
+
+def test_map_points_cross_the_ros_message_unchanged():
+    from sensor_msgs.msg import PointCloud2
+
+    from feature_matching_ros.ros.conversions import cloud_to_map_points
+
+    rng = np.random.default_rng(0)
+    pixels = np.c_[rng.uniform(-0.5, 319.5, 50), rng.uniform(-0.5, 239.5, 50)].astype(np.float32)
+    points = rng.uniform(0.5, 4.0, (50, 3)).astype(np.float32)
+    got_pixels, got_points, dropped = cloud_to_map_points(_cloud(pixels, points), 320, 240)
+    assert np.array_equal(got_pixels, pixels) and np.array_equal(got_points, points) and dropped == 0
+    assert cloud_to_map_points(PointCloud2(), 320, 240) is None  # an empty cloud: no map points
+
+
+def test_a_foreign_layout_is_read_by_its_fields():
+    """Another producer's cloud: fields in another order with an extra one, big-endian, padded points and rows."""
+    from sensor_msgs.msg import PointCloud2, PointField
+
+    from feature_matching_ros.ros.conversions import cloud_to_map_points
+
+    pixels = np.array([[10.0, 20.0], [30.5, 40.25], [0.0, 239.0]], np.float32)
+    points = np.array([[0.1, 0.2, 1.5], [-0.3, 0.4, 2.5], [1.0, -1.0, 9.0]], np.float32)
+    names = ("z", "intensity", "u", "x", "v", "y")  # 6 floats + 4 padding bytes per point
+    values = {"z": points[:, 2], "intensity": np.full(3, 7.0), "u": pixels[:, 0], "x": points[:, 0],
+              "v": pixels[:, 1], "y": points[:, 1]}
+    point_step, width, height = 28, 3, 1
+    row = np.zeros((width, point_step), np.uint8)
+    for i, name in enumerate(names):
+        row[:, 4 * i:4 * i + 4] = np.asarray(values[name], ">f4").reshape(-1, 1).view(np.uint8)
+    data = np.r_[row.ravel(), np.zeros(8, np.uint8)]  # row padding
+    cloud = PointCloud2(height=height, width=width, point_step=point_step, row_step=width * point_step + 8,
+                        is_bigendian=True, is_dense=True, data=data.tobytes(),
+                        fields=[PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                                for i, n in enumerate(names)])
+    got_pixels, got_points, _ = cloud_to_map_points(cloud, 320, 240)
+    assert np.array_equal(got_pixels, pixels) and np.array_equal(got_points, points)
+
+
+def test_unusable_map_points_are_refused_with_their_reason_code():
+    from sensor_msgs.msg import PointField
+
+    from feature_matching_ros.ros.conversions import cloud_to_map_points
+
+    pixels = np.array([[10.0, 20.0], [300.0, 200.0]], np.float32)
+    points = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 3.0]], np.float32)
+    cloud = _cloud(pixels, points)
+    cloud.fields = cloud.fields[:4]
+    assert _map_points_kind(cloud) == "map_points_missing_fields"
+    cloud = _cloud(pixels, points)
+    cloud.fields[4].datatype = PointField.FLOAT64  # z is not float32
+    assert _map_points_kind(cloud) == "map_points_missing_fields"
+    cloud = _cloud(pixels, points)
+    cloud.data = cloud.data[:-4]  # the last point is cut short
+    assert _map_points_kind(cloud) == "map_points_size_mismatch"
+    cloud = _cloud(pixels, points)
+    cloud.width = 3  # says three points, holds two
+    assert _map_points_kind(cloud) == "map_points_size_mismatch"
+    cloud = _cloud(pixels, points)
+    cloud.point_step = 16  # field z at offset 16 does not fit
+    assert _map_points_kind(cloud) == "map_points_size_mismatch"
+    assert _map_points_kind(_cloud(pixels, np.array([[0, 0, 1.0], [np.nan, 2, 3]]))) == "map_points_not_finite"
+    assert _map_points_kind(_cloud(np.array([[10, 20], [np.inf, 5]]), points)) == "map_points_not_finite"
+    # Pixels of a 640x480 image sent with the 320x240 keyframe image.
+    assert _map_points_kind(_cloud(pixels * 2, points)) == "map_points_outside_image"
+    assert _map_points_kind(_cloud(np.array([[10, 20], [10, -0.6]]), points)) == "map_points_outside_image"
+    # A distorted camera's undistorted keypoints may fall outside the undistorted image: dropped, not refused.
+    kept_pixels, kept_points, dropped = cloud_to_map_points(_cloud(np.array([[10, 20], [-3, 5]]), points), 320, 240,
+                                                            drop_outside=True)
+    assert dropped == 1 and np.array_equal(kept_pixels, [[10, 20]]) and np.array_equal(kept_points, points[:1])
+
+
 # ---------------------------------------------------------------------------------------------- markers
 def test_markers_show_posed_keyframes_and_loops_between_them():
     from visualization_msgs.msg import Marker

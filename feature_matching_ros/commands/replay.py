@@ -144,6 +144,8 @@ def replay_frames(frames, parameters: dict[str, Any], rate: float, pose_source: 
                              "num_inliers": int(msg.num_inliers), "num_matches": int(msg.num_matches),
                              "accepted": bool(msg.accepted), "metric_scale": bool(msg.metric_scale),
                              "method": msg.method, "scale": float(msg.scale),
+                             "information": np.reshape(msg.information, (6, 6)),
+                             "information_sim3": np.reshape(msg.information_sim3, (7, 7)),
                              "T_match_query": conv.transform_to_matrix(msg.t_match_query),
                              "retrieval_score": float(msg.retrieval_score), "reason": msg.reason})
 
