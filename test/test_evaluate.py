@@ -122,6 +122,14 @@ def test_loop_correctness_rules():
     assert judge_loop(_loop(90, 0, far_rel), frames, set()).label == "no_overlap"
     no_depth = {k: EvalFrame(f.index, f.stamp_ns, f.image, f.K, None, f.T_gt, f.T_odom) for k, f in frames.items()}
     assert judge_loop(_loop(50, 0, true_rel), no_depth, set()).label == "not_in_gt"
+    # a monocular pose (unit translation) is proved by its direction over a judged baseline (0.8 m) ...
+    unit_rel = true_rel.copy()
+    unit_rel[:3, 3] /= np.linalg.norm(unit_rel[:3, 3])
+    assert judge_loop(_loop(50, 0, unit_rel, metric=False), no_depth, set()).label == "pose"
+    # ... and the direction to a look-alike camera one period over is wrong
+    sideways = unit_rel.copy()
+    sideways[:3, 3] = [0.0, 0.0, 1.0]
+    assert judge_loop(_loop(50, 0, sideways, metric=False), no_depth, set()).label == "wrong_pose"
     # without GT poses only the GT set decides
     no_pose = {k: EvalFrame(f.index, f.stamp_ns, f.image, f.K, None, None, None) for k, f in frames.items()}
     assert judge_loop(_loop(50, 0, wrong), no_pose, gt).correct

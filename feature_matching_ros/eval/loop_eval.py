@@ -22,7 +22,11 @@ correct loop for a backend if its relative pose is right, so when GT poses are k
   * correct pose and in the GT set -> true;
   * correct pose, not in the GT set, and view overlap >= 0.1 in both directions (depth-checked, the GT
     labeller's definition with a lower bound: "they see a common surface") -> true ("overlap");
-  * otherwise (correct pose but no depth to prove overlap, or no overlap) -> false.
+  * correct MONOCULAR pose, not in the GT set, no depth, baseline >= 0.5 m so that the translation direction
+    was judged -> true ("pose"): rotation within 5 deg and direction within 10 deg of a baseline of metres is
+    geometry that only a view of common structure produces (a look-alike place one period over gives the
+    direction to the wrong camera);
+  * otherwise (correct pose but no depth to prove overlap and no judged direction, or no overlap) -> false.
 Without GT poses only the GT set decides. The thresholds are fixed here, never taken from a run.
 Ground truth loops: ``--gt-loops`` JSON ([query_index, match_index] pairs, 0-based image indices), else
 ``loops.json`` next to the bag directory (written by ``fmr make-sequence``), else derived from poses and
@@ -107,7 +111,7 @@ def _relative_gt(frames_by_index: dict[int, EvalFrame], query: int, match: int) 
 @dataclass(frozen=True)
 class LoopJudgement:
     correct: bool
-    label: str  # gt | overlap | wrong_pose | not_in_gt | no_overlap
+    label: str  # gt | overlap | pose | wrong_pose | not_in_gt | no_overlap
     translation_error_m: float | None = None
     rotation_error_deg: float | None = None
     direction_error_deg: float | None = None
@@ -118,8 +122,9 @@ CORRECTNESS = {"max_translation_error_m": 0.5, "max_rotation_error_deg": 5.0,
                "max_direction_error_deg": 10.0, "direction_judged_above_baseline_m": 0.5, "min_overlap": 0.1,
                "definition": "see feature_matching_ros/eval/loop_eval.py docstring: a wrong relative pose is "
                              "always false; a correct pose is true if in the GT set or (GT poses and depth) the "
-                             "two views overlap >= min_overlap in both directions; without GT poses only the "
-                             "GT set decides"}
+                             "two views overlap >= min_overlap in both directions, or (monocular, no depth) the "
+                             "translation direction of a baseline >= direction_judged_above_baseline_m is right too; "
+                             "without GT poses only the GT set decides"}
 
 
 def judge_loop(loop, frames_by_index: dict[int, EvalFrame], gt: set[tuple[int, int]],
@@ -146,6 +151,9 @@ def judge_loop(loop, frames_by_index: dict[int, EvalFrame], gt: set[tuple[int, i
         return LoopJudgement(True, "gt", **errors)
     q, m = frames_by_index[loop.query_id], frames_by_index[loop.match_id]
     if q.depth is None or m.depth is None:
+        direction_judged = baseline >= CORRECTNESS["direction_judged_above_baseline_m"]
+        if not loop.metric and direction_judged:
+            return LoopJudgement(True, "pose", **errors)
         return LoopJudgement(False, "not_in_gt", **errors)
     key = (loop.query_id, loop.match_id)
     if overlap_cache is None or key not in overlap_cache:
