@@ -2,7 +2,7 @@
 
     python benchmarks/loop_closure.py [--scenes office corridor street] [--seeds 0 3] [--frames 120]
         [--sizes 320x240 640x480] [--keyframe-every 1] [--presets cpu orb_bow_nn orb_lightglue aliked_lightglue]
-        [--work /tmp/fmr_loop_closure] [--out benchmarks/results/loop_closure.md]
+        [--work /tmp/fmr_loop_closure] [--out benchmarks/results/loop_closure.md] [--jobs N] [--resume]
 
 For each scene x seed: render the sequence (``ensure_sample_sequence``, cached in --work), run ``fmr evaluate``'s
 ``evaluate_bag`` with all presets on the same keyframes (odometry from the bag feeds the engine's gate, depth
@@ -10,7 +10,10 @@ is used), and tabulate per preset: precision, recall, false positives (loop corr
 ``eval/loop_eval.py``: a wrong relative pose is always false), max recall at 100 % precision, pose AUC of the
 accepted loops, ATE RMSE before/after the GTSAM pose graph, and ms per keyframe (p50 of the engine's total).
 The table is rewritten after every sequence, so an interrupted run still leaves its finished rows;
-``--resume`` reuses per-sequence reports already in --work. Nothing is tuned here: presets.py's defaults.
+``--resume`` reuses per-sequence reports already in --work. ``--jobs N`` evaluates N sequences at once in
+separate processes (the cores shared out). Where gtsam is missing the ATE after the graph is left out;
+``benchmarks/pose_graph_from_report.py`` adds it to the reports later, then ``--resume`` rebuilds the table.
+Nothing is tuned here: presets.py's defaults.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from feature_matching_ros.bag import SequenceTopics
@@ -79,6 +84,26 @@ def write_markdown(path: Path, rows: list[dict], command: str, started: float, a
     path.write_text("\n".join(lines) + "\n")
 
 
+def evaluate_run(run: tuple[str, int, int, int], args: argparse.Namespace, torch_threads: int | None) -> dict:
+    """Render (or reuse) one sequence and evaluate every preset on it; returns metrics.json's dict."""
+    scene, seed, width, height = run
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    directory = args.work / f"{scene}_s{seed}_{args.frames}f_{width}x{height}"
+    report = args.work / f"report_{scene}_s{seed}_{args.frames}f_{width}x{height}_kf{args.keyframe_every}"
+    metrics_path = report / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else None
+    if metrics is None or set(metrics["runs"]) != set(args.presets):
+        bag = ensure_sample_sequence(directory, scene=scene, frames=args.frames, seed=seed, width=width,
+                                     height=height)
+        metrics = evaluate_bag(bag, list(args.presets), report, SequenceTopics(), None, args.keyframe_every, None,
+                               args.reloc_queries, args.device)
+    return metrics
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=["office", "corridor", "street"])
@@ -93,30 +118,39 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fmr_loop_closure"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loop_closure.md"))
     parser.add_argument("--resume", action="store_true", help="reuse per-sequence reports already in --work")
+    parser.add_argument("--jobs", type=int, default=1, help="sequences evaluated in parallel processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = "python " + " ".join(sys.argv)
     started = time.perf_counter()
-    rows = []
+    runs = []
     for size in args.sizes:
         width, height = (int(v) for v in size.split("x"))
         for seed in args.seeds:  # seed-major: every scene appears early in an interrupted run
             for scene in args.scenes:
-                name = f"{scene}_s{seed}_{width}x{height}"
-                directory = args.work / f"{scene}_s{seed}_{args.frames}f_{width}x{height}"
-                report = args.work / f"report_{scene}_s{seed}_{args.frames}f_{width}x{height}_kf{args.keyframe_every}"
-                metrics_path = report / "metrics.json"
-                metrics = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else None
-                if metrics is None or set(metrics["runs"]) != set(args.presets):
-                    bag = ensure_sample_sequence(directory, scene=scene, frames=args.frames, seed=seed,
-                                                 width=width, height=height)
-                    metrics = evaluate_bag(bag, list(args.presets), report, SequenceTopics(), None,
-                                           args.keyframe_every, None, args.reloc_queries, args.device)
-                for row in summary_rows(metrics):
-                    rows.append({"sequence": name} | row)
-                    LOG.info("%s %s: precision %s recall %s FPs %d", name, row["preset"], row["precision"],
-                             row["recall"], row["false_positives"])
-                write_markdown(args.out, rows, command, started, args)
+                runs.append((scene, seed, width, height))
+    rows_by_run: dict[int, list[dict]] = {}
+
+    def record(index: int, metrics: dict) -> None:
+        scene, seed, width, height = runs[index]
+        name = f"{scene}_s{seed}_{width}x{height}"
+        rows_by_run[index] = [{"sequence": name} | row for row in summary_rows(metrics)]
+        for row in rows_by_run[index]:
+            LOG.info("%s %s: precision %s recall %s FPs %d", name, row["preset"], row["precision"],
+                     row["recall"], row["false_positives"])
+        rows = [row for i in sorted(rows_by_run) for row in rows_by_run[i]]
+        write_markdown(args.out, rows, command, started, args)
+
+    if args.jobs == 1:
+        for index, run in enumerate(runs):
+            record(index, evaluate_run(run, args, torch_threads=None))
+    else:
+        # One process per sequence, the cores shared out: a many-core machine runs the grid in one pass.
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(evaluate_run, run, args, threads): index for index, run in enumerate(runs)}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
     print(args.out)
     return 0
 

@@ -18,10 +18,15 @@ class EngineConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     # Support, relative to what the pair can show: inliers >= max(min_inliers, min_inlier_fraction x the smaller
     # keyframe's keypoint count) (pixel matchers: x the smaller image's coarse 8x8 cells), and inliers / matches
-    # >= min_inlier_ratio. min_inliers is the statistical floor of a 5-point / PnP RANSAC, not a tuning knob.
+    # >= min_inlier_ratio (PnP, Sim3: 3D points, 3 px reprojection threshold) or min_inlier_ratio_monocular
+    # (essential matrix / homography: 1 px Sampson threshold). min_inliers is the statistical floor of a 5-point
+    # / PnP RANSAC, not a tuning knob. The ratios differ because each is measured at its estimator's threshold:
+    # true monocular loops on real cameras (blur, rolling shutter) keep 15-60 % of their matches within 1 px, and
+    # random consensus above the support floor is already negligible; 0.25 is COLMAP's two-view default.
     min_inliers: int = 20
     min_inlier_fraction: float = 0.05
     min_inlier_ratio: float = 0.5
+    min_inlier_ratio_monocular: float = 0.25
     # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
     temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
@@ -78,6 +83,7 @@ class EngineConfig:
         _check_range("min_scene_agreement", self.min_scene_agreement, 0.0, 1.0)
         _check_range("scene_radius_ratio", self.scene_radius_ratio, 0.0, 0.5)
         _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
+        _check_range("min_inlier_ratio_monocular", self.min_inlier_ratio_monocular, 0.0, 1.0)
         _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
         _check_range("consistency_window", self.consistency_window, 0, 100_000)
         _check_range("max_loops_per_keyframe", self.max_loops_per_keyframe, 1, 100)

@@ -83,6 +83,20 @@ class LoopClosure:
                 "scene_agreement": _rounded(self.scene_agreement),
                 "information_sim3": _matrix_list(self.information_sim3)}
 
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "LoopClosure":
+        """The loop as ``to_json_dict`` wrote it (reports, keyframes_<preset>.jsonl); matches are not stored."""
+        known = {"query_id", "match_id", "query_stamp_ns", "match_stamp_ns", "accepted", "reason", "scale", "metric",
+                 "num_matches", "num_inliers", "retrieval_score", "retrieval_rank", "method", "geometry_ok",
+                 "drift_translation_m", "drift_rotation_deg", "path_length_m", "inlier_coverage", "depth_agreement",
+                 "median_residual_px", "scene_agreement"}
+        loop = cls(**{k: v for k, v in data.items() if k in known})
+        loop.T_match_query = np.asarray(data["T_match_query"], np.float64).reshape(4, 4)
+        loop.information = np.asarray(data["information"], np.float64).reshape(6, 6)
+        if data.get("information_sim3") is not None:
+            loop.information_sim3 = np.asarray(data["information_sim3"], np.float64).reshape(7, 7)
+        return loop
+
 
 @dataclass
 class KeyframeResult:

@@ -318,23 +318,30 @@ def _evaluate_relocalization(engine, frames: list[EvalFrame], reachable: dict[in
 
 
 def _evaluate_trajectory(frames: list[EvalFrame], accepted) -> dict[str, Any]:
-    """ATE of the odometry before and after a pose graph with the accepted loops. Monocular runs (no depth on any
-    frame: the odometry's scale is arbitrary and drifts) use the Sim3 graph and Sim3-aligned ATE, as evo does for
-    monocular trajectories; metric runs the SE3 graph and SE3 alignment."""
+    """ATE of the odometry before and after a pose graph with the accepted loops (``trajectory_metrics``)."""
     if any(f.T_odom is None for f in frames):
         return {"skipped": "no odometry in the bag (--odom-topic)"}
     if any(f.T_gt is None for f in frames):
         return {"skipped": "no ground-truth poses in the bag (--pose-topic)"}
+    return trajectory_metrics(np.stack([f.T_odom for f in frames]), np.stack([f.T_gt for f in frames]), accepted,
+                              {f.index: i for i, f in enumerate(frames)}, all(f.depth is None for f in frames))
+
+
+def trajectory_metrics(odometry: np.ndarray, gt: np.ndarray, accepted, id_to_index: dict[int, int],
+                       monocular: bool) -> dict[str, Any]:
+    """ATE RMSE of (N, 4, 4) odometry poses against (N, 4, 4) GT before and after a GTSAM pose graph with the
+    accepted loops (keyframe ids -> row by ``id_to_index``). Monocular runs (the odometry's scale is arbitrary
+    and drifts) use the Sim3 graph and Sim3-aligned ATE, as evo does for monocular trajectories; metric runs the
+    SE3 graph and SE3 alignment. Without gtsam the ATE before is still measured and the graph is reported as
+    skipped."""
     from feature_matching_ros.eval.pose_graph import optimise_pose_graph, optimise_sim3_pose_graph
 
-    odometry = np.stack([f.T_odom for f in frames])
-    gt = np.stack([f.T_gt for f in frames])
-    monocular = all(f.depth is None for f in frames)
+    before = absolute_trajectory_error(odometry, gt, monocular)
     optimise = optimise_sim3_pose_graph if monocular else optimise_pose_graph
     try:
-        optimised, summary = optimise(odometry, accepted, {f.index: i for i, f in enumerate(frames)})
+        optimised, summary = optimise(odometry, accepted, id_to_index)
     except ImportError as error:
-        return {"skipped": f"gtsam not installed ({error})"}
-    return {"ate_before": absolute_trajectory_error(odometry, gt, monocular),
-            "ate_after": absolute_trajectory_error(optimised, gt, monocular),
+        return {"ate_before": before, "pose_graph_skipped": f"gtsam not installed ({error})",
+                "_poses": {"gt": gt, "odometry": odometry}}
+    return {"ate_before": before, "ate_after": absolute_trajectory_error(optimised, gt, monocular),
             "pose_graph": summary, "_poses": {"gt": gt, "odometry": odometry, "optimised": optimised}}

@@ -128,14 +128,15 @@ def write_report(runs: dict[str, dict[str, Any]], header: dict[str, Any], report
         if poses is not None:
             index_of = {kf.keyframe_id: i for i, kf in enumerate(results)}
             pairs = [(index_of[c.query_id], index_of[c.match_id]) for r in results for c in r.accepted]
-            title = (f"{name}: ATE {trajectory['ate_before']['rmse']:.3f} m -> {trajectory['ate_after']['rmse']:.3f} m "
-                     f"({len(pairs)} loops)")
+            after = (f"{trajectory['ate_after']['rmse']:.3f} m" if "ate_after" in trajectory
+                     else "(pose graph skipped)")
+            title = f"{name}: ATE {trajectory['ate_before']['rmse']:.3f} m -> {after} ({len(pairs)} loops)"
             plot_trajectory(poses, pairs, title, report_dir / f"trajectory_{name}.png")
             plots[f"trajectory_{name}"] = f"trajectory_{name}.png"
             stamps = [result.stamp_ns for result in results]
             if len(stamps) == len(poses["gt"]):
                 trajectory["tum"] = {"gt": write_tum(report_dir / "trajectory_gt.tum", stamps, poses["gt"]).name}
-                for kind in ("odometry", "optimised"):
+                for kind in [kind for kind in ("odometry", "optimised") if kind in poses]:
                     path = write_tum(report_dir / f"trajectory_{name}_{kind}.tum", stamps, poses[kind])
                     trajectory["tum"][kind] = path.name
         clean_runs[name] = metrics
