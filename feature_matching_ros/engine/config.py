@@ -44,8 +44,10 @@ class EngineConfig:
     depth_tolerance_abs_m: float = 0.1
     # Scene agreement (PnP, both keyframes with depth): ALL query keypoints with depth, moved into the match camera,
     # must land next to (scene_radius_ratio x image diagonal) match keypoints of the same depth, for at least this
-    # fraction of those that land next to one. Inliers on a repeated poster agree; the room around it does not.
-    min_scene_agreement: float = 0.5
+    # fraction of those that land next to one. Inliers on a repeated poster agree; the room around it does not,
+    # and neither does a pose pulled a few degrees off by wrong inliers (correct poses: >= 0.83 on rendered
+    # office pairs, where a 0.7 m / 5 deg-off pose left 0.61).
+    min_scene_agreement: float = 0.7
     scene_radius_ratio: float = 0.012
     # Reprojection residuals: the median inlier residual after refinement must stay below this fraction of the
     # PnP RANSAC threshold (a correct pose sits at the noise level; a forced one spreads over the whole band).
