@@ -120,14 +120,23 @@ def test_odometry_gate_rejects_a_loop_that_contradicts_the_backend(pipeline, mot
 
 def test_thresholds_and_temporal_consistency(pipeline, motorcycle):
     strict = _engine(pipeline)
-    strict.config.min_inliers = 100_000
     strict.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
-    loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1,
-                                   insert=False).candidates[0]
+    query = dict(image=motorcycle.image1, K=motorcycle.K1, stamp_ns=20 * SECOND, keyframe_id=1, insert=False)
+    loop = strict.process_keyframe(**query).candidates[0]
+    assert loop.accepted and loop.num_inliers < loop.num_matches, loop.reason
+    strict.config.min_inliers = loop.num_inliers + 1  # within reach of the matches, not of the inliers
+    loop = strict.process_keyframe(**query).candidates[0]
     assert loop.geometry_ok and not loop.accepted and loop.reason.startswith("too few inliers")
+    strict.config.min_inliers = loop.num_matches + 1  # beyond the matches: rejected before any RANSAC
+    loop = strict.process_keyframe(**query).candidates[0]
+    assert not loop.geometry_ok and not loop.accepted and loop.num_inliers == 0
+    assert loop.reason.startswith(f"too few matches for the required support: {loop.num_matches} < "
+                                  f"{loop.num_matches + 1}"), loop.reason
+    # No inlier ratio reaches 1.0: the RANSAC stops at its floor and says so, the pair is rejected for it.
     strict.config.min_inliers, strict.config.min_inlier_ratio = 30, 1.0
     loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 40 * SECOND, keyframe_id=2).candidates[0]
-    assert loop.reason.startswith("inlier ratio")
+    assert not loop.geometry_ok and loop.reason.startswith("geometric verification failed: inlier ratio 0.")
+    assert "< min_inlier_ratio=1.0 (PnP RANSAC" in loop.reason
 
     engine = _engine(pipeline, temporal_consistency=2)
     engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)

@@ -26,6 +26,9 @@ class EngineConfig:
     temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
     max_loops_per_keyframe: int = 1  # accepted loops reported per query (best inlier counts first)
+    # Candidates of one keyframe are verified in parallel threads (OpenCV's RANSAC and PnP release the GIL);
+    # 0 = auto (engine/verification.py: VerificationPool), 1 = one after the other. Verdicts do not depend on it.
+    verification_threads: int = 0
     store_depth: bool = True  # keep depth at keypoints for PnP when a depth image is given
     # Inlier spread: the inliers must occupy at least this fraction of a coverage_grid x coverage_grid grid in
     # BOTH images. One repeated poster or a tiled patch gives a tight cluster of (consistent) inliers.
@@ -81,6 +84,7 @@ class EngineConfig:
         _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
         _check_range("consistency_window", self.consistency_window, 0, 100_000)
         _check_range("max_loops_per_keyframe", self.max_loops_per_keyframe, 1, 100)
+        _check_range("verification_threads", self.verification_threads, 0, 256)
         _check_range("min_inlier_coverage", self.min_inlier_coverage, 0.0, 1.0)
         _check_range("coverage_grid", self.coverage_grid, 1, 64)
         _check_range("min_depth_agreement", self.min_depth_agreement, 0.0, 1.0)
@@ -96,6 +100,7 @@ class EngineConfig:
         self.consistency_window, self.max_loops_per_keyframe = int(self.consistency_window), int(
             self.max_loops_per_keyframe)
         self.coverage_grid = int(self.coverage_grid)
+        self.verification_threads = int(self.verification_threads)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
