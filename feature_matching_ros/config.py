@@ -82,6 +82,9 @@ class MatcherConfig:
     ratio_test: float = 0.9  # nearest-neighbour ratio test; 1.0 disables
     max_hamming: int = 64  # nearest-neighbour: reject binary matches farther than this many bits
     cuda_graphs: bool = True  # LightGlue and Efficient LoFTR on CUDA: replay captured graphs per input shape
+    # LightGlue: batches of up to this many candidates are padded to graph shapes (launch-bound, padding is cheap);
+    # larger ones take graphs only when no padding is needed, else run eager (matchers/lightglue.py docstring).
+    cuda_graph_max_batch: int = 16
     eloftr_mode: str = "full"  # "optimized" skips the coarse dual-softmax (paper: ~1 AUC point, ~25% faster)
     coarse_threshold: float = 0.2  # eloftr / loftr: coarse match confidence threshold
 
@@ -93,6 +96,7 @@ class MatcherConfig:
             raise ConfigError(f"weights={self.weights!r} must be 'default' or a checkpoint path")
         _check_choice("eloftr_mode", self.eloftr_mode, ELOFTR_MODES)
         _check_range("coarse_threshold", self.coarse_threshold, 0.0, 1.0)
+        _check_range("cuda_graph_max_batch", self.cuda_graph_max_batch, 0, 4096)
         _check_range("filter_threshold", self.filter_threshold, 0.0, 1.0)
         for key in ("depth_confidence", "width_confidence"):
             value = getattr(self, key)
