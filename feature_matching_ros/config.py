@@ -114,9 +114,9 @@ class PoseConfig:
     max_iterations: int = 10_000
     # The lowest inlier ratio (inliers / matches) the caller accepts: RANSAC stops once it is `confidence` sure that
     # no model with this ratio exists (geometry/pose.py: ransac_iterations) instead of running max_iterations on a
-    # pair it would reject anyway. None: the engine's min_inlier_ratio when the engine verifies, else 0 (no floor);
-    # 0: always search up to max_iterations.
-    min_inlier_ratio: float | None = None
+    # pair it would reject anyway. 0: no floor, search up to max_iterations. The engine raises it to its own
+    # min_inlier_ratio (EngineConfig.ransac_floor).
+    min_inlier_ratio: float = 0.0
     min_matches: int = 15
     min_inliers: int = 15
     homography_ratio: float = 0.8  # H inliers / E inliers above which the pair is planar or pure rotation
@@ -138,8 +138,7 @@ class PoseConfig:
         _check_range("pnp_threshold_px", self.pnp_threshold_px, 0.01, 50.0)
         _check_range("confidence", self.confidence, 0.5, 0.999999)
         _check_range("max_iterations", self.max_iterations, 10, 1_000_000)
-        if self.min_inlier_ratio is not None:
-            _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
+        _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
         _check_range("min_matches", self.min_matches, 5, 100_000)
         _check_range("min_inliers", self.min_inliers, 5, 100_000)
         _check_range("homography_ratio", self.homography_ratio, 0.0, 1.0)

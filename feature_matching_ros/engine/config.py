@@ -22,6 +22,9 @@ class EngineConfig:
     min_inliers: int = 20
     min_inlier_fraction: float = 0.05
     min_inlier_ratio: float = 0.5
+    # RANSAC looks for models down to min_inlier_ratio only (PoseConfig.min_inlier_ratio): a pair without one is
+    # rejected after a few hundred iterations instead of 10,000; its verdict is the same rejection.
+    ransac_floor: bool = True
     # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
     temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other

@@ -250,8 +250,9 @@ class LoopClosureEngine:
         predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
                        if check_odometry else {})
         pose_config = self.pipeline.config.pose
-        if pose_config.min_inlier_ratio is None:  # RANSAC need not look for what the support check rejects
-            pose_config = replace(pose_config, min_inlier_ratio=self.config.min_inlier_ratio)
+        if self.config.ransac_floor:  # RANSAC need not look for what the support check rejects
+            pose_config = replace(pose_config, min_inlier_ratio=max(pose_config.min_inlier_ratio,
+                                                                   self.config.min_inlier_ratio))
 
         def verify(rank: int) -> LoopClosure:
             candidate, match_kf, correspondences = candidates[rank], stored[rank], pairs[rank]

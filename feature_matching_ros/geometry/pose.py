@@ -129,7 +129,7 @@ def ransac_iterations(config: PoseConfig, sample_size: int, min_inlier_ratio: fl
     ``config.min_inlier_ratio``), log(1 - confidence) / log(1 - ratio^sample_size), times
     RANSAC_ITERATION_MARGIN, never above ``config.max_iterations``. A pair whose best model has a higher ratio
     stops earlier by USAC's own adaptive criterion; one with a lower ratio is rejected by the caller anyway."""
-    ratio = (config.min_inlier_ratio or 0.0) if min_inlier_ratio is None else min_inlier_ratio
+    ratio = config.min_inlier_ratio if min_inlier_ratio is None else min_inlier_ratio
     if ratio <= 0.0:
         return config.max_iterations
     miss = np.log1p(-min(ratio, 1.0 - 1e-9) ** sample_size)
@@ -141,7 +141,7 @@ def _below_ratio_floor(num_inliers: int, count: int, config: PoseConfig, estimat
                        ) -> str | None:
     """Reason when a RANSAC's best model stays below ``config.min_inlier_ratio`` of its ``count`` inputs: its search
     was capped there (:func:`ransac_iterations`), so the model is only "none with that ratio", never a pose."""
-    floor = config.min_inlier_ratio or 0.0
+    floor = config.min_inlier_ratio
     if floor <= 0.0 or count == 0 or num_inliers / count >= floor:
         return None
     return (f"inlier ratio {num_inliers / count:.2f} < min_inlier_ratio={floor} ({estimator} "
@@ -307,7 +307,7 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     # The homography matters once it explains homography_ratio of the essential inliers: its search floor.
     H, h_mask = cv2.findHomography(rays0[:, :2], rays1[:, :2], cv2.USAC_MAGSAC, threshold * 2.0,
                                    maxIters=ransac_iterations(config, HOMOGRAPHY_SAMPLE, config.homography_ratio
-                                                              * (config.min_inlier_ratio or 0.0)),
+                                                              * config.min_inlier_ratio),
                                    confidence=config.confidence)
     if H is not None and h_mask is not None:
         h_inliers = h_mask.ravel().astype(bool)
