@@ -15,7 +15,7 @@ Index: VLAD vectors are unit-norm, so cosine similarity = inner product and fais
 exact; with a few hundred dims it answers 100k keyframes in a few ms (see benchmarks/). Exclusions are
 a faiss ``IDSelectorBitmap`` (search-time filtering, exact top-k among the eligible keyframes). Without faiss
 installed the same exact search runs in numpy (:class:`ExactInnerProduct`; linear in the map size, a few ms
-per 10k keyframes), so the engine runs where faiss is absent (a minimal GPU host, say).
+per 10k keyframes), so the engine also runs on minimal installs without faiss.
 Bag-of-words vectors use the DBoW2 L1 score (sum of per-word minima), which is not an inner product:
 they go through a sparse inverted file (scipy CSR, words x keyframes) instead.
 """
