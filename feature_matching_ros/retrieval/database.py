@@ -255,18 +255,22 @@ class ExactInnerProduct:
     for installs without faiss (same ranking up to float rounding)."""
 
     def __init__(self, dim: int) -> None:
-        self._vectors = np.zeros((0, dim), np.float32)
-
-    @property
-    def ntotal(self) -> int:
-        return len(self._vectors)
+        self._buffer = np.zeros((64, dim), np.float32)  # grows by doubling: adding one keyframe is O(1) amortised
+        self.ntotal = 0
 
     def add(self, vectors: np.ndarray) -> None:
-        self._vectors = np.concatenate([self._vectors, np.asarray(vectors, np.float32)])
+        vectors = np.asarray(vectors, np.float32)
+        needed = self.ntotal + len(vectors)
+        if needed > len(self._buffer):
+            grown = np.zeros((max(needed, 2 * len(self._buffer)), self._buffer.shape[1]), np.float32)
+            grown[:self.ntotal] = self._buffer[:self.ntotal]
+            self._buffer = grown
+        self._buffer[self.ntotal:needed] = vectors
+        self.ntotal = needed
 
     def scores(self, vector: np.ndarray) -> np.ndarray:
         """(dim,) query -> (ntotal,) float32 inner products."""
-        return self._vectors @ np.asarray(vector, np.float32)
+        return self._buffer[:self.ntotal] @ np.asarray(vector, np.float32)
 
 
 class KeyframeDatabase:
