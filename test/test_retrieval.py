@@ -330,6 +330,10 @@ def test_retrieval_without_faiss_gives_the_faiss_answers(monkeypatch):
     assert isinstance(without._index, NearestCentroidL2)
     database = build(without)
     assert isinstance(database._index, ExactInnerProduct)
+    grown, stored = ExactInnerProduct(without.dim), np.stack([without(sets[name]) for name in PHOTOS] * 20)
+    for start in range(0, len(stored), 7):  # past its first buffer, in uneven chunks
+        grown.add(stored[start:start + 7])
+    assert grown.ntotal == 160 and np.allclose(grown.scores(stored[3]), stored @ stored[3], atol=1e-6)
     for (name, stamp), (vector, candidates) in expected.items():
         assert np.allclose(without(views[name]), vector, atol=1e-6)
         got = database.query(without(views[name]), query_stamp_ns=stamp)
