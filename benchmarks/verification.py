@@ -140,6 +140,7 @@ def main() -> int:
             config = EngineConfig.from_dict(merge(engine_config.to_dict(), {
                 "verification_threads": threads, "ransac_floor": budget == "floor"}))
             results, verify_ms = run_variant(remembering, config, frames)
+            verify_ms = np.asarray(verify_ms)
             for _ in range(args.repeats - 1):  # per keyframe the fastest of the repeats: robust to other load
                 verify_ms = np.minimum(verify_ms, run_variant(remembering, config, frames)[1])
             candidates = [c for r in results for c in r.candidates]
@@ -148,9 +149,9 @@ def main() -> int:
                    "rejected_before_ransac": sum(reason_code(c.reason).value == "support_out_of_reach"
                                                  for c in candidates),
                    "accepted": sum(c.accepted for c in candidates),
-                   "verify_p50_ms": float(np.percentile(verify_ms, 50)) if verify_ms else None,
-                   "verify_p90_ms": float(np.percentile(verify_ms, 90)) if verify_ms else None,
-                   "verify_mean_ms": float(np.mean(verify_ms)) if verify_ms else None}
+                   "verify_p50_ms": float(np.percentile(verify_ms, 50)) if len(verify_ms) else None,
+                   "verify_p90_ms": float(np.percentile(verify_ms, 90)) if len(verify_ms) else None,
+                   "verify_mean_ms": float(np.mean(verify_ms)) if len(verify_ms) else None}
             reference = reference or results
             row |= compare(reference, results)
             rows.append(row)
