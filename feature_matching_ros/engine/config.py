@@ -30,7 +30,8 @@ class EngineConfig:
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
     max_loops_per_keyframe: int = 1  # accepted loops reported per query (best inlier counts first)
     # Candidates of one keyframe are verified in parallel threads (OpenCV's RANSAC and PnP release the GIL);
-    # 0 = auto (engine/verification.py: VerificationPool), 1 = one after the other. Verdicts do not depend on it.
+    # 0 = auto (half the cores, at most 4: engine/verification.py), 1 = one after the other. Verdicts do not depend
+    # on it.
     verification_threads: int = 0
     store_depth: bool = True  # keep depth at keypoints for PnP when a depth image is given
     # Inlier spread: the inliers must occupy at least this fraction of a coverage_grid x coverage_grid grid in

@@ -75,18 +75,20 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
 
 
 T = TypeVar("T")
-AUTO_MAX_THREADS = 4  # "auto": at most this many verification threads (benchmarks/verification.py)
+AUTO_MAX_THREADS = 4  # "auto": at most this many verification threads (a keyframe has ~5 candidates)
 
 
 class VerificationPool:
     """Maps a function over a keyframe's candidates in up to ``threads`` threads, results in candidate order.
 
-    ``threads`` 0 = auto: min(AUTO_MAX_THREADS, CPU cores); 1 runs in the calling thread. The threads start on
-    first use and live as long as the pool (the engine's). Exceptions propagate as in a plain loop.
+    ``threads`` 0 = auto: half the CPU cores, at most AUTO_MAX_THREADS, at least 1 (the other half stays with the
+    SLAM backend and the networks' host threads; on 2 cores verification stays in the calling thread, where
+    benchmarks/verification.py found no reliable gain from a second thread). 1 runs in the calling thread. The
+    threads start on first use and live as long as the pool (the engine's). Exceptions propagate as in a loop.
     """
 
     def __init__(self, threads: int = 0) -> None:
-        self.threads = threads if threads > 0 else min(AUTO_MAX_THREADS, os.cpu_count() or 1)
+        self.threads = threads if threads > 0 else max(1, min(AUTO_MAX_THREADS, (os.cpu_count() or 1) // 2))
         self._executor: ThreadPoolExecutor | None = None
 
     def map(self, function: Callable[[int], T], items: range) -> list[T]:
