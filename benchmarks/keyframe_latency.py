@@ -70,7 +70,7 @@ def _timed(call, device: torch.device) -> float:
 class KorniaReference:
     """kornia's own ALIKED and LightGlue, same weights as the engine, called the way kornia documents them."""
 
-    def __init__(self, device: torch.device, precision: str) -> None:
+    def __init__(self, device: torch.device, precision: str, weights: str) -> None:
         from feature_matching_ros.config import MatcherConfig
         from feature_matching_ros.features.learned import AlikedNetwork
         from feature_matching_ros.matchers.lightglue import build_lightglue
@@ -78,8 +78,10 @@ class KorniaReference:
         self.device = device
         self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.aliked = AlikedNetwork(device, precision).model  # kornia.feature.ALIKED("aliked-n16")
-        self.adaptive = build_lightglue("aliked", MatcherConfig(depth_confidence=0.95, width_confidence=0.99)).to(device)
-        self.full = build_lightglue("aliked", MatcherConfig(depth_confidence=-1, width_confidence=-1)).to(device)
+        self.adaptive = build_lightglue("aliked", MatcherConfig(weights=weights, depth_confidence=0.95,
+                                                                width_confidence=0.99)).to(device)
+        self.full = build_lightglue("aliked", MatcherConfig(weights=weights, depth_confidence=-1,
+                                                            width_confidence=-1)).to(device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
@@ -128,12 +130,14 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
                                          "exclude_recent_count": 0}}}
     if args.verification_threads is not None:
         override["engine"]["verification_threads"] = args.verification_threads
+    if args.matcher_weights is not None:
+        override["pipeline"] = {"matcher": {"weights": args.matcher_weights}}
     engine = build_engine(preset, override, device=args.device)
     pipeline = engine.pipeline
     kornia = None
     if not args.no_kornia and pipeline.config.matcher.name == "lightglue" and \
             pipeline.extractor.descriptor_type == "aliked":
-        kornia = KorniaReference(pipeline.device, pipeline.precision)
+        kornia = KorniaReference(pipeline.device, pipeline.precision, pipeline.config.matcher.weights)
     for i, image in enumerate(frames[:args.top_k]):  # map with enough candidates
         engine.process_keyframe(image, K, i * 1_000_000_000, keyframe_id=i)
     timings: dict[str, list[float]] = {}
@@ -164,6 +168,7 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
         stats[stage] = {"n": len(values), "p50_ms": float(np.percentile(values, 50)),
                         "p90_ms": float(np.percentile(values, 90)), "mean_ms": float(values.mean())}
     return {"preset": preset, "device": str(pipeline.device), "precision": pipeline.precision,
+            "matcher_weights": pipeline.config.matcher.weights if pipeline.config.matcher.name == "lightglue" else None,
             "cuda_graphs": bool(getattr(getattr(pipeline, "matcher", None), "graphs", None) is not None),
             "verification_threads": VerificationPool(engine.config.verification_threads).threads,
             "candidates": candidates_seen,
@@ -183,7 +188,8 @@ def markdown(results: list[dict], args, frames: list[np.ndarray]) -> str:
              "LightGlue (see the script's docstring); they are not part of the engine's total.", ""]
     for result in results:
         lines += [f"## {result['preset']}", "",
-                  f"{result['device']}, {result['precision']}, CUDA graphs {result['cuda_graphs']}, verification "
+                  f"{result['device']}, {result['precision']}, LightGlue weights {result['matcher_weights']}, CUDA "
+                  f"graphs {result['cuda_graphs']}, verification "
                   f"threads {result['verification_threads']}; candidates rejected before RANSAC: "
                   f"{result['rejected_before_ransac']} of {result['candidates']}.", "",
                   "| stage | p50 ms | p90 ms | mean ms |", "|---|---:|---:|---:|"]
@@ -205,6 +211,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--verification-threads", type=int, help="engine.verification_threads (default: preset)")
     parser.add_argument("--no-kornia", action="store_true", help="skip the kornia reference rows")
+    parser.add_argument("--matcher-weights", choices=("default", "official", "agnostic"),
+                        help="LightGlue weights (default: the preset's); agnostic = the shipped fine-tune, same "
+                             "architecture and cost, no official weights file needed")
     parser.add_argument("--out", type=Path, help="write the tables as markdown here")
     args = parser.parse_args()
     frames, K = _frames(args.bag, args.keyframes + args.top_k)

@@ -114,23 +114,23 @@ def table(args, device: torch.device) -> str:
                                                max_keypoints=args.max_keypoints, resize_max=0), device, args.precision)
     query, match = extractor(query_image), extractor(match_image)
     other_features = [extractor(image) for image in others] or [match]
-    kornia_models = {"kornia adaptive": build_lightglue("aliked", MatcherConfig(depth_confidence=0.95,
-                                                                                 width_confidence=0.99)),
-                     "kornia full": build_lightglue("aliked", MatcherConfig(depth_confidence=-1,
-                                                                             width_confidence=-1))}
+    settings = lambda **kwargs: MatcherConfig(weights=args.weights, **kwargs)  # noqa: E731
+    kornia_models = {"kornia adaptive": build_lightglue("aliked", settings(depth_confidence=0.95,
+                                                                           width_confidence=0.99)),
+                     "kornia full": build_lightglue("aliked", settings(depth_confidence=-1, width_confidence=-1))}
     kornia_models = {name: model.to(device) for name, model in kornia_models.items()}
     # The presets' matcher settings: early exit (depth 0.95), no point pruning.
-    matchers = {"eager": LightGlueMatcher("aliked", MatcherConfig(cuda_graphs=False, width_confidence=-1), device,
+    matchers = {"eager": LightGlueMatcher("aliked", settings(cuda_graphs=False, width_confidence=-1), device,
                                           args.precision),
-                "policy": LightGlueMatcher("aliked", MatcherConfig(width_confidence=-1), device, args.precision)}
+                "policy": LightGlueMatcher("aliked", settings(width_confidence=-1), device, args.precision)}
     lines = ["| set | B | row | ms | pairs/s | agreement with eager |", "|---|---:|---|---:|---:|---:|"]
     for batch in args.batch:
         sets = {"same": [match] * batch}
         if batch > 1:
             sets["mixed"] = [match] + [other_features[i % len(other_features)] for i in range(batch - 1)]
-        forced = {"graphs": LightGlueMatcher("aliked", MatcherConfig(width_confidence=-1, cuda_graph_max_batch=batch),
+        forced = {"graphs": LightGlueMatcher("aliked", settings(width_confidence=-1, cuda_graph_max_batch=batch),
                                              device, args.precision),
-                  "graphs, 9 layers": LightGlueMatcher("aliked", MatcherConfig(
+                  "graphs, 9 layers": LightGlueMatcher("aliked", settings(
                       depth_confidence=-1, width_confidence=-1, cuda_graph_max_batch=batch), device, args.precision)}
         for set_name, candidates in sets.items():
             reference = None
@@ -164,7 +164,8 @@ def table(args, device: torch.device) -> str:
               f"Command: `python benchmarks/profile_lightglue.py {' '.join(sys.argv[1:])}`", "",
               f"Machine: {machine(device)}.", "",
               f"640x480, {args.detector} keypoints (max {args.max_keypoints}; query {len(query)}, graf3 {len(match)}) "
-              f"with ALIKED descriptors; median of {args.repeats} calls after {args.warmup} warm-up calls. Rows: "
+              f"with ALIKED descriptors, LightGlue weights {args.weights}; median of {args.repeats} calls after "
+              f"{args.warmup} warm-up calls. Rows: "
               "see the script's docstring.", ""]
     return "\n".join(header + lines) + "\n"
 
@@ -176,7 +177,8 @@ def profile(args, device: torch.device) -> None:
     extractor = FeatureExtractor(FeatureConfig(detector=args.detector, descriptor="aliked",
                                                max_keypoints=args.max_keypoints, resize_max=0), device, args.precision)
     query, candidate = extractor(query_image), extractor(match_image)
-    matcher = LightGlueMatcher("aliked", MatcherConfig(cuda_graphs=False), device, args.precision)
+    matcher = LightGlueMatcher("aliked", MatcherConfig(weights=args.weights, cuda_graphs=False), device,
+                               args.precision)
     for batch in args.batch:
         padded = matcher._padded_inputs(query, [candidate] * batch)
         run = lambda: matcher._forward_padded(*padded.tensors, early_exit=False, masked0=padded.masked0,  # noqa: E731
@@ -200,6 +202,8 @@ def main() -> None:
     parser.add_argument("--detector", default="orb", choices=("orb", "aliked"))
     parser.add_argument("--precision", default="auto", help="fp16 | bf16 | fp32 | auto (fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--max-keypoints", type=int, default=1024)
+    parser.add_argument("--weights", default="default", choices=("default", "official", "agnostic"),
+                        help="LightGlue weights; agnostic = the shipped fine-tune (same architecture and cost)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="top CUDA kernels per batch size instead of the table")

@@ -190,7 +190,8 @@ class LightGlueMatcher:
         if batch <= self.config.cuda_graph_max_batch:
             return True
         longest = max(counts1)
-        return batch_bucket(batch) == batch and keypoint_bucket(count0) == count0 and keypoint_bucket(longest) == longest
+        return (batch_bucket(batch) == batch and keypoint_bucket(count0) == count0
+                and keypoint_bucket(longest) == longest)
 
     def _padded_inputs(self, query: Features, candidates: Sequence[Features], bucketed: bool = False) -> PaddedBatch:
         """Normalised keypoints, descriptors and validity masks of the query against each candidate.
