@@ -82,6 +82,9 @@ class MatcherConfig:
     ratio_test: float = 0.9  # nearest-neighbour ratio test; 1.0 disables
     max_hamming: int = 64  # nearest-neighbour: reject binary matches farther than this many bits
     cuda_graphs: bool = True  # LightGlue and Efficient LoFTR on CUDA: replay captured graphs per input shape
+    # LightGlue: batches of up to this many candidates are padded to graph shapes (launch-bound, padding is cheap);
+    # larger ones take graphs only when no padding is needed, else run eager (matchers/lightglue.py docstring).
+    cuda_graph_max_batch: int = 16
     eloftr_mode: str = "full"  # "optimized" skips the coarse dual-softmax (paper: ~1 AUC point, ~25% faster)
     coarse_threshold: float = 0.2  # eloftr / loftr: coarse match confidence threshold
 
@@ -93,6 +96,7 @@ class MatcherConfig:
             raise ConfigError(f"weights={self.weights!r} must be 'default' or a checkpoint path")
         _check_choice("eloftr_mode", self.eloftr_mode, ELOFTR_MODES)
         _check_range("coarse_threshold", self.coarse_threshold, 0.0, 1.0)
+        _check_range("cuda_graph_max_batch", self.cuda_graph_max_batch, 0, 4096)
         _check_range("filter_threshold", self.filter_threshold, 0.0, 1.0)
         for key in ("depth_confidence", "width_confidence"):
             value = getattr(self, key)
@@ -108,6 +112,13 @@ class PoseConfig:
     pnp_threshold_px: float = 3.0  # PnP and Sim3: reprojection error threshold in pixels
     confidence: float = 0.9999
     max_iterations: int = 10_000
+    # The lowest inlier ratio (inliers / matches) the caller accepts: RANSAC stops once it is `confidence` sure that
+    # no model with this ratio exists (geometry/pose.py: ransac_iterations) instead of running max_iterations on a
+    # pair it would reject anyway. 0: no floor, search up to max_iterations. The engine raises it to its own
+    # min_inlier_ratio (EngineConfig.ransac_floor). PnP uses min_inlier_ratio; the essential matrix and homography
+    # (1 px Sampson threshold, lower ratios on real cameras) use min_inlier_ratio_monocular.
+    min_inlier_ratio: float = 0.0
+    min_inlier_ratio_monocular: float = 0.0
     min_matches: int = 15
     min_inliers: int = 15
     homography_ratio: float = 0.8  # H inliers / E inliers above which the pair is planar or pure rotation
@@ -129,6 +140,8 @@ class PoseConfig:
         _check_range("pnp_threshold_px", self.pnp_threshold_px, 0.01, 50.0)
         _check_range("confidence", self.confidence, 0.5, 0.999999)
         _check_range("max_iterations", self.max_iterations, 10, 1_000_000)
+        _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
+        _check_range("min_inlier_ratio_monocular", self.min_inlier_ratio_monocular, 0.0, 1.0)
         _check_range("min_matches", self.min_matches, 5, 100_000)
         _check_range("min_inliers", self.min_inliers, 5, 100_000)
         _check_range("homography_ratio", self.homography_ratio, 0.0, 1.0)

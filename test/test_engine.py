@@ -120,14 +120,23 @@ def test_odometry_gate_rejects_a_loop_that_contradicts_the_backend(pipeline, mot
 
 def test_thresholds_and_temporal_consistency(pipeline, motorcycle):
     strict = _engine(pipeline)
-    strict.config.min_inliers = 100_000
     strict.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
-    loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 20 * SECOND, keyframe_id=1,
-                                   insert=False).candidates[0]
+    query = dict(image=motorcycle.image1, K=motorcycle.K1, stamp_ns=20 * SECOND, keyframe_id=1, insert=False)
+    loop = strict.process_keyframe(**query).candidates[0]
+    assert loop.accepted and loop.num_inliers < loop.num_matches, loop.reason
+    strict.config.min_inliers = loop.num_inliers + 1  # within reach of the matches, not of the inliers
+    loop = strict.process_keyframe(**query).candidates[0]
     assert loop.geometry_ok and not loop.accepted and loop.reason.startswith("too few inliers")
+    strict.config.min_inliers = loop.num_matches + 1  # beyond the matches: rejected before any RANSAC
+    loop = strict.process_keyframe(**query).candidates[0]
+    assert not loop.geometry_ok and not loop.accepted and loop.num_inliers == 0
+    assert loop.reason.startswith(f"too few matches for the required support: {loop.num_matches} < "
+                                  f"{loop.num_matches + 1}"), loop.reason
+    # No inlier ratio reaches 1.0: the RANSAC stops at its floor and says so, the pair is rejected for it.
     strict.config.min_inliers, strict.config.min_inlier_ratio = 30, 1.0
     loop = strict.process_keyframe(motorcycle.image1, motorcycle.K1, 40 * SECOND, keyframe_id=2).candidates[0]
-    assert loop.reason.startswith("inlier ratio")
+    assert not loop.geometry_ok and loop.reason.startswith("geometric verification failed: inlier ratio 0.")
+    assert "< min_inlier_ratio=1.0 (PnP RANSAC" in loop.reason
 
     engine = _engine(pipeline, temporal_consistency=2)
     engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
@@ -226,3 +235,59 @@ def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
     T_pred, path = engine._predict_from_graph(query, {0})[0]
     assert path == pytest.approx(0.1, abs=1e-6)
     assert np.allclose(T_pred, np.linalg.inv(poses[0]) @ query.T_map_camera)
+
+
+def _crop(image: np.ndarray, shift: int) -> np.ndarray:
+    """Another view of the same place: a shifted, slightly zoomed crop at the same size."""
+    import cv2
+
+    h, w = image.shape[:2]
+    return cv2.resize(image[shift:h - shift // 2, shift:w - shift // 2], (w, h))
+
+
+def test_cheap_verification_keeps_every_decision(pipeline, motorcycle):
+    """The support pre-check, the RANSAC floor and verification threads change no accepted loop and no pose on real
+    images, only the reasons of rejections (pre-check, floor); candidates rejected before RANSAC fail a full
+    verification too. Map: the motorcycle's left view (with depth) and five photos; queries: the right view and
+    crops of two photos, each against five candidates (mostly other places)."""
+    from feature_matching_ros.engine.verification import verify_pair
+    from feature_matching_ros.matchers.base import View
+    from feature_matching_ros.ros.reason_codes import ReasonCode, reason_code
+
+    photos = ("astronaut", "coffee", "chelsea", "rocket", "brick")
+
+    def run(**overrides):
+        retrieval = RetrievalConfig(top_k=5, exclude_recent_seconds=5.0, exclude_recent_count=0)
+        engine = LoopClosureEngine(pipeline, EngineConfig(retrieval=retrieval, min_inliers=30, min_inlier_ratio=0.3,
+                                                          temporal_consistency=1, **overrides))
+        engine.process_keyframe(motorcycle.image0, motorcycle.K0, 0, keyframe_id=0, depth=motorcycle.depth0)
+        for i, name in enumerate(photos, start=1):
+            engine.process_keyframe(_photo(name), motorcycle.K0, i * SECOND, keyframe_id=i)
+        queries = [(motorcycle.image1, 100), (_crop(_photo("coffee"), 30), 101), (_crop(_photo("chelsea"), 40), 102)]
+        loops = [c for image, t in queries for c in engine.process_keyframe(image, motorcycle.K1, t * SECOND,
+                                                                            insert=False).candidates]
+        return engine, loops
+
+    _, full = run(verification_threads=1, ransac_floor=False)
+    engine, cheap = run(verification_threads=3)  # the defaults: RANSAC floor on
+    assert [(c.query_id, c.match_id) for c in full] == [(c.query_id, c.match_id) for c in cheap] and len(full) == 15
+    assert sum(c.accepted for c in cheap) >= 3  # the three true loops
+    for a, b in zip(full, cheap):
+        assert a.accepted == b.accepted, (a.match_id, a.reason, b.reason)
+        if a.accepted:
+            assert np.allclose(a.T_match_query, b.T_match_query, atol=1e-9) and a.num_inliers == b.num_inliers
+        elif reason_code(a.reason) != reason_code(b.reason):
+            assert reason_code(b.reason) == ReasonCode.LOW_INLIER_RATIO, (a.reason, b.reason)
+    early = [c for c in cheap if reason_code(c.reason) == ReasonCode.SUPPORT_OUT_OF_REACH]
+    assert len(early) >= 3, [c.reason for c in cheap]
+    for loop in early:  # full verification (no floor, no pre-check) of the same matches rejects them too
+        query = pipeline.extract({100: motorcycle.image1, 101: _crop(_photo("coffee"), 30),
+                                  102: _crop(_photo("chelsea"), 40)}[loop.query_stamp_ns // SECOND])
+        match = engine.database.get(loop.match_id)
+        correspondences = pipeline.correspond(View(features=query), [View(features=match.to_features())])[0]
+        assert len(correspondences) == loop.num_matches
+        required = max(30, int(np.ceil(0.05 * min(len(query), len(match)))))
+        assert loop.num_matches < required
+        pose = verify_pair(correspondences, None, match.depth_at(correspondences.points1, correspondences.index1),
+                           motorcycle.K1, match.K, pipeline.config.pose)
+        assert not pose.success or pose.num_inliers < required

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import (homography_errors, rotation_error_deg, synthetic_homography_pair, translation_angle_deg)
 from feature_matching_ros.config import FeatureConfig, MatcherConfig, PipelineConfig
@@ -111,3 +112,45 @@ def test_shipped_agnostic_lightglue_matches_a_held_out_homography():
     errors = homography_errors(pair.H_1_0, features0.keypoints_numpy()[matches[:, 0]],
                                features1.keypoints_numpy()[matches[:, 1]])
     assert len(matches) >= 200 and np.mean(errors < 3.0) >= 0.85, (len(matches), float(np.mean(errors < 3.0)))
+
+
+def _first(features, count: int):
+    """The ``count`` strongest keypoints of real features (keeps the test's batch cheap on a CPU)."""
+    from feature_matching_ros.features.base import Features
+
+    order = torch.argsort(features.scores, descending=True)[:count]
+    return Features(features.keypoints[order], features.scores[order], features.descriptors[order],
+                    features.image_size, features.descriptor_type)
+
+
+def test_graph_shapes_give_the_matches_of_exact_shapes(graf, orb_aliked_lightglue):
+    """CUDA graphs run LightGlue on bucketed shapes (batch and keypoint padding, masked out) through the same stages
+    as eager; on the CPU's arithmetic the padding must not change the matches, and early exit must stop both at
+    the same layer. Candidates of different sizes, 9 of them so the batch itself is padded (9 -> 10)."""
+    from feature_matching_ros.matchers.lightglue import batch_bucket, keypoint_bucket
+
+    assert [batch_bucket(b) for b in (1, 5, 8, 9, 11, 16, 17, 32, 33)] == [1, 5, 8, 10, 12, 16, 20, 32, 40]
+    assert [keypoint_bucket(n) for n in (1, 256, 257, 1024)] == [256, 256, 512, 1024]
+    matcher = orb_aliked_lightglue.matcher
+    query = _first(orb_aliked_lightglue.extract(graf.image0), 150)
+    other = orb_aliked_lightglue.extract(graf.image1)
+    candidates = [_first(other, count) for count in (150, 60, 130, 150, 45, 150, 100, 75, 150)]
+    exact = matcher._padded_inputs(query, candidates)
+    bucketed = matcher._padded_inputs(query, candidates, bucketed=True)
+    assert tuple(exact.tensors[3].shape[:2]) == (9, 150) and tuple(bucketed.tensors[3].shape[:2]) == (10, 256)
+    assert not exact.masked0 and exact.masked1 and bucketed.masked0 and bucketed.masked1
+    assert not bucketed.tensors[2][9].any() and not bucketed.tensors[5][9].any()  # the padded pair is all invalid
+    visited, outputs = {"exact": [], "bucketed": []}, {}
+    for name, batch in (("exact", exact), ("bucketed", bucketed)):
+        def run(stage, compute, log=visited[name]):
+            log.append(stage)
+            return compute()
+
+        with torch.inference_mode():
+            outputs[name] = matcher._staged_forward(run, batch.tensors, True, batch.masked0, batch.masked1)
+    assert visited["exact"] == visited["bucketed"]  # early exit stops both at the same layer
+    assert visited["exact"][0] == ("inputs",) and visited["exact"][-1] == ("head", visited["exact"][-2][1])
+    matches_exact, matches_bucketed = outputs["exact"][0], outputs["bucketed"][0][:9, :150]
+    assert (matches_exact > -1).sum() > 150  # real matches, not an all-unmatched agreement
+    agree = (matches_exact == matches_bucketed).float().mean().item()
+    assert agree >= 0.995, agree

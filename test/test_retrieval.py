@@ -297,3 +297,45 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def test_retrieval_without_faiss_gives_the_faiss_answers(monkeypatch):
+    """Where faiss is not installed, VLAD assignment and the keyframe search run exactly in numpy: same VLAD
+    vectors and the same candidates, in the same order, as faiss on real SIFT descriptors of real photos."""
+    import sys
+
+    from feature_matching_ros.retrieval.database import ExactInnerProduct
+    from feature_matching_ros.retrieval.global_descriptors import NearestCentroidL2, VladCodebook
+
+    extractor = FeatureExtractor(FeatureConfig(detector="sift", descriptor="native", max_keypoints=256, resize_max=0))
+    features = {name: extractor(_photo(name)) for name in PHOTOS}
+    sets = {name: f.descriptors.numpy() for name, f in features.items()}
+    views = {name: extractor(_crop_view(_photo(name), 24)).descriptors.numpy() for name in PHOTOS}
+    with_faiss = train_vlad_codebook(list(sets.values()), "sift", clusters=8, pca_dim=0)
+    config = RetrievalConfig(top_k=4, exclude_recent_seconds=1.5, exclude_recent_count=0)
+
+    def build(codebook):
+        database = KeyframeDatabase("vlad", codebook.dim, config)
+        for i, name in enumerate(PHOTOS):
+            database.add(Keyframe.from_features(i, i * 1_000_000_000, features[name], K, codebook(sets[name])))
+        return database
+
+    reference = build(with_faiss)
+    stamps = (None, 7_000_000_000)
+    expected = {(name, stamp): (with_faiss(views[name]), reference.query(with_faiss(views[name]), query_stamp_ns=stamp))
+                for name in PHOTOS for stamp in stamps}
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    without = VladCodebook(with_faiss.descriptor_type, with_faiss.centroids, with_faiss.pca_mean,
+                           with_faiss.pca_projection)
+    assert isinstance(without._index, NearestCentroidL2)
+    database = build(without)
+    assert isinstance(database._index, ExactInnerProduct)
+    grown, stored = ExactInnerProduct(without.dim), np.stack([without(sets[name]) for name in PHOTOS] * 20)
+    for start in range(0, len(stored), 7):  # past its first buffer, in uneven chunks
+        grown.add(stored[start:start + 7])
+    assert grown.ntotal == 160 and np.allclose(grown.scores(stored[3]), stored @ stored[3], atol=1e-6)
+    for (name, stamp), (vector, candidates) in expected.items():
+        assert np.allclose(without(views[name]), vector, atol=1e-6)
+        got = database.query(without(views[name]), query_stamp_ns=stamp)
+        assert [c.keyframe_id for c in got] == [c.keyframe_id for c in candidates] and len(got) == 4
+        assert np.allclose([c.score for c in got], [c.score for c in candidates], atol=1e-5)

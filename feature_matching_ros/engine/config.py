@@ -27,10 +27,18 @@ class EngineConfig:
     min_inlier_fraction: float = 0.05
     min_inlier_ratio: float = 0.5
     min_inlier_ratio_monocular: float = 0.25
+    # RANSAC looks for models down to the inlier-ratio floors only (PoseConfig.min_inlier_ratio, and the monocular
+    # floor for the essential matrix / homography): a pair without one is rejected after a few hundred
+    # iterations instead of 10,000; its verdict is the same rejection.
+    ransac_floor: bool = True
     # ORB-SLAM style: accept only when N consecutive queries verify keyframes near the same place (1 = off).
     temporal_consistency: int = 3
     consistency_window: int = 5  # "same place": verified candidates within this many keyframes of each other
     max_loops_per_keyframe: int = 1  # accepted loops reported per query (best inlier counts first)
+    # Candidates of one keyframe are verified in parallel threads (OpenCV's RANSAC and PnP release the GIL);
+    # 0 = auto (half the cores, at most 4: engine/verification.py), 1 = one after the other. Verdicts do not depend
+    # on it.
+    verification_threads: int = 0
     store_depth: bool = True  # keep depth at keypoints for PnP when a depth image is given
     # Inlier spread: the inliers must occupy at least this fraction of a coverage_grid x coverage_grid grid in
     # BOTH images. One repeated poster or a tiled patch gives a tight cluster of (consistent) inliers.
@@ -91,6 +99,7 @@ class EngineConfig:
         _check_range("temporal_consistency", self.temporal_consistency, 1, 100)
         _check_range("consistency_window", self.consistency_window, 0, 100_000)
         _check_range("max_loops_per_keyframe", self.max_loops_per_keyframe, 1, 100)
+        _check_range("verification_threads", self.verification_threads, 0, 256)
         _check_range("min_inlier_coverage", self.min_inlier_coverage, 0.0, 1.0)
         _check_range("coverage_grid", self.coverage_grid, 1, 64)
         _check_range("min_depth_agreement", self.min_depth_agreement, 0.0, 1.0)
@@ -106,6 +115,7 @@ class EngineConfig:
         self.consistency_window, self.max_loops_per_keyframe = int(self.consistency_window), int(
             self.max_loops_per_keyframe)
         self.coverage_grid = int(self.coverage_grid)
+        self.verification_threads = int(self.verification_threads)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":

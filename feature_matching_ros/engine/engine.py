@@ -45,19 +45,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from feature_matching_ros.config import ConfigError
+from feature_matching_ros.config import ConfigError, PoseConfig
 from feature_matching_ros.engine.acceptance import (depth_agreement, inlier_coverage, median_reprojection_residual,
                                                     scene_depth_agreement)
 from feature_matching_ros.engine.config import EngineConfig
 from feature_matching_ros.engine.keyframe_graph import KeyframeGraph
 from feature_matching_ros.engine.records import KeyframeResult, LoopClosure, Relocalization
-from feature_matching_ros.engine.verification import verify_pair
+from feature_matching_ros.engine.verification import VerificationPool, verify_pair
 from feature_matching_ros.features.base import Features
 from feature_matching_ros.geometry.pose import check_intrinsics
 from feature_matching_ros.geometry.covariance import relocalization_covariance
@@ -115,6 +116,7 @@ class LoopClosureEngine:
         # query keyframe is inserted.
         self.graph = KeyframeGraph()
         self._pending_loops: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self._verification_pool = VerificationPool(self.config.verification_threads)
 
     # -------------------------------------------------------------------- keyframes
     def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
@@ -249,35 +251,71 @@ class LoopClosureEngine:
         predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
                        if check_odometry else {})
         pose_config = self.pipeline.config.pose
-        results = []
-        for rank, (candidate, match_kf, correspondences) in enumerate(zip(candidates, stored, pairs)):
-            depth_query = keyframe.depth_at(correspondences.points0, correspondences.index0)
-            depth_match = match_kf.depth_at(correspondences.points1, correspondences.index1)
-            radius = pose_config.map_point_radius_px
-            pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config,
-                               keyframe.points3d_at(correspondences.points0, radius),
-                               match_kf.points3d_at(correspondences.points1, radius))
-            loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
-                               pose.T_1_0, pose.scale, pose.metric, pose.information, len(correspondences),
-                               pose.num_inliers, candidate.score, rank, pose.method, pose.success,
-                               median_residual_px=pose.median_residual_px, information_sim3=pose.information_sim3)
-            if pose.success:
-                loop.points_query, loop.points_match = correspondences.points0, correspondences.points1
-                loop.match_scores = np.asarray(correspondences.scores, np.float32)
-                loop.inlier_mask = np.asarray(pose.inliers, bool)
-                inliers = pose.inliers
-                pick = lambda depth: None if depth is None else depth[inliers]  # noqa: E731
-                loop.reason = (self._check_geometry(keyframe, match_kf, correspondences.subset(inliers),
-                                                    pick(depth_query), pick(depth_match), loop)
-                               or (self._odometry_gate(loop, predictions.get(candidate.position))
-                                   if check_odometry else None)
-                               or "ok")
-                loop.accepted = loop.reason == "ok"
-            else:
-                loop.reason = f"geometric verification failed: {pose.reason}"
-            results.append(loop)
+        if self.config.ransac_floor:  # RANSAC need not look for what the support check rejects
+            pose_config = replace(
+                pose_config, min_inlier_ratio=max(pose_config.min_inlier_ratio, self.config.min_inlier_ratio),
+                min_inlier_ratio_monocular=max(pose_config.min_inlier_ratio_monocular,
+                                               self.config.min_inlier_ratio_monocular))
+
+        def verify(rank: int) -> LoopClosure:
+            candidate, match_kf, correspondences = candidates[rank], stored[rank], pairs[rank]
+            prediction = predictions.get(candidate.position) if check_odometry else None
+            return self._verify_candidate(keyframe, match_kf, correspondences, candidate, rank, pose_config,
+                                          check_odometry, prediction)
+
+        results = self._verification_pool.map(verify, range(len(candidates)))
         timing["verify"] = (time.perf_counter() - start) * 1e3
         return results
+
+    def _verify_candidate(self, keyframe: Keyframe, match_kf: Keyframe, correspondences: Correspondences,
+                          candidate: Candidate, rank: int, pose_config: PoseConfig, check_odometry: bool,
+                          prediction: tuple[np.ndarray, float] | None) -> LoopClosure:
+        """One candidate's verdict: support pre-check, geometric verification, acceptance checks, odometry gate.
+        Reads the engine and the two keyframes only, so candidates of one query run in parallel threads."""
+        loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, "",
+                           num_matches=len(correspondences), retrieval_score=candidate.score, retrieval_rank=rank)
+        loop.reason = self._support_out_of_reach(keyframe, match_kf, len(correspondences)) or ""
+        if loop.reason:
+            return loop
+        depth_query = keyframe.depth_at(correspondences.points0, correspondences.index0)
+        depth_match = match_kf.depth_at(correspondences.points1, correspondences.index1)
+        radius = pose_config.map_point_radius_px
+        pose = verify_pair(correspondences, depth_query, depth_match, keyframe.K, match_kf.K, pose_config,
+                           keyframe.points3d_at(correspondences.points0, radius),
+                           match_kf.points3d_at(correspondences.points1, radius))
+        loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, pose.reason,
+                           pose.T_1_0, pose.scale, pose.metric, pose.information, len(correspondences),
+                           pose.num_inliers, candidate.score, rank, pose.method, pose.success,
+                           median_residual_px=pose.median_residual_px, information_sim3=pose.information_sim3)
+        if pose.success:
+            loop.points_query, loop.points_match = correspondences.points0, correspondences.points1
+            loop.match_scores = np.asarray(correspondences.scores, np.float32)
+            loop.inlier_mask = np.asarray(pose.inliers, bool)
+            inliers = pose.inliers
+            pick = lambda depth: None if depth is None else depth[inliers]  # noqa: E731
+            loop.reason = (self._check_geometry(keyframe, match_kf, correspondences.subset(inliers),
+                                                pick(depth_query), pick(depth_match), loop)
+                           or (self._odometry_gate(loop, prediction) if check_odometry else None)
+                           or "ok")
+            loop.accepted = loop.reason == "ok"
+        else:
+            loop.reason = f"geometric verification failed: {pose.reason}"
+        return loop
+
+    def _support_out_of_reach(self, query: Keyframe, candidate: Keyframe, num_matches: int) -> str | None:
+        """Rejection before any RANSAC: inliers are a subset of the matches, so a pair with fewer matches than the
+        support check requires (``_required_inliers``) can never be accepted, whatever its geometry."""
+        required = self._required_inliers(query, candidate)
+        if num_matches >= required:
+            return None
+        return (f"too few matches for the required support: {num_matches} < {required} inliers required "
+                f"(min_inliers={self.config.min_inliers}, min_inlier_fraction={self.config.min_inlier_fraction} of "
+                "what the pair can show); not verified")
+
+    def _required_inliers(self, query: Keyframe, candidate: Keyframe) -> int:
+        """Support check 1: inliers >= max(min_inliers, min_inlier_fraction x what the pair can show)."""
+        return max(self.config.min_inliers,
+                   int(np.ceil(self.config.min_inlier_fraction * self._capacity(query, candidate))))
 
     def verify_candidates(self, query_id: int, candidate_ids: list[int]) -> KeyframeResult:
         """Verify candidates named from outside (a backend's covisibility search, another place recogniser)
@@ -314,7 +352,7 @@ class LoopClosureEngine:
             else:
                 loop.median_residual_px = median_reprojection_residual(
                     inliers.points0, depth_query, query.K, inliers.points1, candidate.K, loop.T_match_query)
-        required = max(config.min_inliers, int(np.ceil(config.min_inlier_fraction * self._capacity(query, candidate))))
+        required = self._required_inliers(query, candidate)
         if loop.num_inliers < required:
             return (f"too few inliers: {loop.num_inliers} < {required} (min_inliers={config.min_inliers}, "
                     f"min_inlier_fraction={config.min_inlier_fraction} of what the pair can show)")

@@ -11,9 +11,17 @@ Per pair (query = image 0, candidate = image 1), the first that applies:
   * else essential matrix -> rotation + unit translation, ``metric=False``, information exactly zero along the
     translation (its length is unobservable).
 Depth wins over map points: depth is metric, a monocular map's units are not.
+
+The k candidates of one keyframe are independent: :class:`VerificationPool` verifies them in parallel threads.
+The work is OpenCV's (RANSAC, PnP, recoverPose), which releases the GIL, and every estimator seeds its own
+random generator per call, so a verdict never depends on the thread that computed it or on the others.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -64,3 +72,28 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
             if not pose.success or _scale_sigma(pose) <= config.sim3_max_scale_sigma:
                 return pose
     return estimate_relative_pose(query_pixels, match_pixels, K_query, K_match, config)
+
+
+T = TypeVar("T")
+AUTO_MAX_THREADS = 4  # "auto": at most this many verification threads (a keyframe has ~5 candidates)
+
+
+class VerificationPool:
+    """Maps a function over a keyframe's candidates in up to ``threads`` threads, results in candidate order.
+
+    ``threads`` 0 = auto: half the CPU cores, at most AUTO_MAX_THREADS, at least 1 (the other half stays with the
+    SLAM backend and the networks' host threads; on 2 cores verification stays in the calling thread, where
+    benchmarks/verification.py found no reliable gain from a second thread). 1 runs in the calling thread. The
+    threads start on first use and live as long as the pool (the engine's). Exceptions propagate as in a loop.
+    """
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads if threads > 0 else max(1, min(AUTO_MAX_THREADS, (os.cpu_count() or 1) // 2))
+        self._executor: ThreadPoolExecutor | None = None
+
+    def map(self, function: Callable[[int], T], items: range) -> list[T]:
+        if self.threads <= 1 or len(items) <= 1:
+            return [function(item) for item in items]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="verification")
+        return list(self._executor.map(function, items))

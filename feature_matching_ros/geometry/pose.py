@@ -10,6 +10,12 @@ than that model. Essential matrix: J^T J / sigma^2 of the Sampson errors, sigma 
 with a 1 px floor; the translation along t is unobservable (scale), and the information says so: exactly
 zero along that direction.
 
+RANSAC budget: OpenCV's USAC already stops as soon as it is ``confidence`` sure of its best model, so pairs with
+many inliers cost few iterations. Pairs without a good model run to the cap; :func:`ransac_iterations` lowers
+the cap from ``max_iterations`` to what finds a model with ``PoseConfig.min_inlier_ratio`` (the caller's
+acceptance floor) with that confidence, so a hopeless pair costs hundreds of iterations instead of 10,000. A
+best model below that floor is then reported as such ("inlier ratio ... < min_inlier_ratio"), never as a pose.
+
 Failures are results, not exceptions: too few matches or inliers are returned with ``success=False`` and a
 reason. When a homography explains the matches as well as the essential matrix (pure rotation or a single
 plane), the pose comes from the homography (``method="homography"``): rotation only without parallax
@@ -110,6 +116,38 @@ def lift_to_3d(keypoints: np.ndarray, depth: np.ndarray, K: np.ndarray, config: 
     return np.stack([x, y, z], 1), valid
 
 
+# Sample sizes of the minimal solvers: 5-point essential matrix, 4-point homography, P3P.
+ESSENTIAL_SAMPLE, HOMOGRAPHY_SAMPLE, PNP_SAMPLE = 5, 4, 3
+# All-inlier minimal samples of noisy matches do not all give the best model (local optimisation recovers most):
+# the cap allows this many times the textbook count.
+RANSAC_ITERATION_MARGIN = 3.0
+
+
+def ransac_iterations(config: PoseConfig, sample_size: int, min_inlier_ratio: float | None = None) -> int:
+    """Iteration cap of a RANSAC over minimal samples of ``sample_size``: the iterations that draw one all-inlier
+    sample with probability ``config.confidence`` when the inlier ratio is ``min_inlier_ratio`` (default
+    ``config.min_inlier_ratio``), log(1 - confidence) / log(1 - ratio^sample_size), times
+    RANSAC_ITERATION_MARGIN, never above ``config.max_iterations``. A pair whose best model has a higher ratio
+    stops earlier by USAC's own adaptive criterion; one with a lower ratio is rejected by the caller anyway."""
+    ratio = config.min_inlier_ratio if min_inlier_ratio is None else min_inlier_ratio
+    if ratio <= 0.0:
+        return config.max_iterations
+    miss = np.log1p(-min(ratio, 1.0 - 1e-9) ** sample_size)
+    needed = np.log(1.0 - config.confidence) / miss
+    return int(min(config.max_iterations, max(np.ceil(RANSAC_ITERATION_MARGIN * needed), 10)))
+
+
+def _below_ratio_floor(num_inliers: int, count: int, config: PoseConfig, estimator: str, sample_size: int,
+                       floor: float) -> str | None:
+    """Reason when a RANSAC's best model stays below the ``floor`` ratio of its ``count`` inputs: its search was
+    capped there (:func:`ransac_iterations`), so the model is only "none with that ratio", never a pose."""
+    if floor <= 0.0 or count == 0 or num_inliers / count >= floor:
+        return None
+    name = "min_inlier_ratio" if floor == config.min_inlier_ratio else "min_inlier_ratio_monocular"
+    return (f"inlier ratio {num_inliers / count:.2f} < {name}={floor} ({estimator} RANSAC, "
+            f"{ransac_iterations(config, sample_size, floor)} iterations at most for confidence {config.confidence})")
+
+
 def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """RANSAC (USAC_MAGSAC) PnP then Levenberg-Marquardt refinement on inliers. Returns R, t, inlier mask."""
@@ -119,7 +157,7 @@ def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseCo
     params.loMethod = cv2.LOCAL_OPTIM_SIGMA
     params.threshold = config.pnp_threshold_px
     params.confidence = config.confidence
-    params.maxIterations = config.max_iterations
+    params.maxIterations = ransac_iterations(config, PNP_SAMPLE)
     ok, _, rvec, tvec, inlier_idx = cv2.solvePnPRansac(points3d.astype(np.float64), pixels.astype(np.float64), K,
                                                        None, params=params)
     if not ok or inlier_idx is None or len(inlier_idx) < 4:
@@ -216,6 +254,10 @@ def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, 
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few PnP inliers: {int(inliers.sum())} < min_inliers={config.min_inliers}",
                             inliers=inliers, method="pnp")
+    low_ratio = _below_ratio_floor(int(inliers.sum()), int(valid.sum()), config, "PnP", PNP_SAMPLE,
+                                   config.min_inlier_ratio)
+    if low_ratio:
+        return RelativePose(False, low_ratio, inliers=inliers, method="pnp")
     information = pnp_information(R, t, points3d[inliers], pixels[inliers].astype(np.float64), K, K_source=K_source)
     return RelativePose(True, "ok", R, t, inliers, information, metric=True, method="pnp")
 
@@ -248,19 +290,28 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     mean_focal = float(np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]]))
     threshold = config.ransac_threshold_px / mean_focal
     E, mask = cv2.findEssentialMat(rays0[:, :2], rays1[:, :2], np.eye(3), method=cv2.USAC_MAGSAC,
-                                   prob=config.confidence, threshold=threshold, maxIters=config.max_iterations)
+                                   prob=config.confidence, threshold=threshold,
+                                   maxIters=ransac_iterations(config, ESSENTIAL_SAMPLE,
+                                                              config.min_inlier_ratio_monocular))
     if E is None or mask is None or E.shape != (3, 3):
         return RelativePose(False, "essential matrix estimation failed", inliers=np.zeros(count, dtype=bool))
     e_inliers = mask.ravel().astype(bool)
     if e_inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few essential-matrix inliers: {int(e_inliers.sum())} < "
                             f"min_inliers={config.min_inliers}", inliers=e_inliers, method="essential")
+    low_ratio = _below_ratio_floor(int(e_inliers.sum()), count, config, "essential-matrix", ESSENTIAL_SAMPLE,
+                                   config.min_inlier_ratio_monocular)
+    if low_ratio:
+        return RelativePose(False, low_ratio, inliers=e_inliers, method="essential")
     # Degeneracy: if a homography explains (nearly) as many matches, the scene is a plane or the camera only
     # rotated; the essential matrix is then ill-posed, and the homography gives the pose instead (the rotation
     # always; the translation direction only when there is parallax). For loop closure these pairs matter:
     # revisits from nearly the same spot have little parallax, and corridors and facades are planes.
+    # The homography matters once it explains homography_ratio of the essential inliers: its search floor.
     H, h_mask = cv2.findHomography(rays0[:, :2], rays1[:, :2], cv2.USAC_MAGSAC, threshold * 2.0,
-                                   maxIters=config.max_iterations, confidence=config.confidence)
+                                   maxIters=ransac_iterations(config, HOMOGRAPHY_SAMPLE, config.homography_ratio
+                                                              * config.min_inlier_ratio_monocular),
+                                   confidence=config.confidence)
     if H is not None and h_mask is not None:
         h_inliers = h_mask.ravel().astype(bool)
         if h_inliers.sum() >= config.homography_ratio * int(e_inliers.sum()):

@@ -5,13 +5,32 @@ length); loop closure needs one query against candidates with different counts. 
 the candidates, mask padded keys out of every attention (an additive (B, 1, 1, N) bias, which PyTorch's
 fused attention kernels accept; kornia's transposed boolean masks fall back to the slow math kernel)
 and padded rows/columns out of the assignment, and apply early exit per pair on valid tokens only.
-The layers' weights are kornia's; only the attention calls are ours.
+When no real pair has padded keys on a side (ORB at its keypoint budget, equal counts), that side's
+attention takes no mask at all, which lets PyTorch pick the flash kernel. The layers' weights are kornia's;
+only the attention calls are ours.
 
 Point pruning (``width_confidence``) changes point counts per pair, so it is used for single pairs only
-(kornia's own forward); batching is what makes k candidates cheap on a GPU. On CUDA with
-``cuda_graphs`` (default) every call, single pairs included, goes through the padded path with shapes
-rounded to buckets and replays a captured CUDA graph: no early exit or pruning (they need host
-synchronisation), all layers always, and almost no launch overhead.
+(kornia's own forward); batching is what makes k candidates cheap on a GPU.
+
+CUDA graphs (``cuda_graphs``, default on CUDA). LightGlue at small batch is bound by kernel launches and
+Python (~7 ms of host work per pair on an H200 for ~0.3 ms of math), and a captured graph replays all of
+its kernels at once. The first version captured the WHOLE forward as one graph, which cannot stop early
+(early exit is a host decision after each layer), so graphs ran all 9 layers while eager exited after
+4-5 on confident pairs: 1 query vs 32 candidates took 34.5 ms with graphs and 18.9 ms eager. At that batch
+the GPU is busy with arithmetic, launches hide behind it, and graphs save little while the extra layers
+cost a lot. Now every call, graph or eager, runs the same stages (:meth:`LightGlueMatcher._staged_forward`):
+inputs, then one stage per layer that also computes the early-exit test, then the assignment head of the
+layer it stopped at. With graphs each stage is its own captured graph, all of one input shape sharing one
+memory pool, captured lazily in call order (a layer or head is captured the first time a call reaches it),
+and the host reads the early-exit flag between layer graphs as eager does. So graphs compute exactly
+what eager computes, minus the launches; what remains against them is shape padding: graph shapes are
+buckets (keypoints to multiples of SHAPE_BUCKET, the batch by :func:`batch_bucket`, exact up to 8 and at
+most 25 % padded pairs above) so that a handful of graphs serve every frame, and padded work is real
+work once the GPU is the bottleneck. Hence the policy (:meth:`LightGlueMatcher._use_graphs`): batches of
+up to ``cuda_graph_max_batch`` candidates always take graphs (launch-bound: padding is cheaper than
+launches), larger batches take graphs only when their shapes are already buckets (no padding, e.g. ORB
+at 1024 keypoints and a batch of 32), and otherwise run eager on their exact shapes.
+benchmarks/profile_lightglue.py measures 1 query vs {1, 8, 32} candidates both ways.
 
 Weights by descriptor: ALIKED -> aliked_lightglue, DISK -> disk_lightglue (both 128-d input, projected
 to 256), XFeat -> xfeat-lighterglue (64-d, 6 layers, 96-d, 1 head). ``MatcherConfig.weights="agnostic"``
@@ -23,12 +42,16 @@ forward returning every layer's log assignment and token confidences for deep su
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from kornia.feature import LightGlue
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from kornia.feature.lightglue import apply_cached_rotary_emb, normalize_keypoints, sigmoid_log_double_softmax
 
 from feature_matching_ros.config import MatcherConfig
@@ -46,6 +69,34 @@ ARCHITECTURES: dict[str, dict] = {
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PAD_LOGIT = -1e4  # fits fp16; padded entries end far below any real similarity
 SHAPE_BUCKET = 256  # keypoint counts are padded to multiples of this for CUDA graphs
+MAX_GRAPH_SHAPES = 16  # input shapes whose stage graphs are kept (least recently used dropped first)
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch size a CUDA graph is captured for: exact up to 8, then rounded up in steps of a quarter of the power
+    of two below (10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so fewer than 25 % of the pairs are padding."""
+    step = max(1, (1 << (batch.bit_length() - 1)) // 4)
+    return -(-batch // step) * step
+
+
+def keypoint_bucket(count: int) -> int:
+    """Keypoint count a CUDA graph is captured for: the next multiple of SHAPE_BUCKET."""
+    return max(SHAPE_BUCKET, -(-count // SHAPE_BUCKET) * SHAPE_BUCKET)
+
+
+@dataclass
+class PaddedBatch:
+    """One query against B candidates, padded to common shapes.
+
+    tensors: kpts0 (B, M, 2) normalised keypoints, desc0 (B, M, D) float32, mask0 (B, M) bool validity, and the
+    same for the candidates with N: kpts1 (B, N, 2), desc1 (B, N, D), mask1 (B, N). Rows past the real
+    candidates (batch bucket) are all-invalid. ``masked0`` / ``masked1``: a REAL pair has padded keypoints on
+    that side, so its attention needs a key mask (padded rows only compute garbage for themselves).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    masked0: bool
+    masked1: bool
 
 
 def _rename_official_keys(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -98,9 +149,9 @@ class LightGlueMatcher:
         self.precision = precision
         self.descriptor_type = descriptor_type
         self.model = build_lightglue(descriptor_type, config).to(self.device)
-        self.graphs: CudaGraphCache | None = None
+        self.graphs: StageGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            self.graphs = CudaGraphCache(lambda *inputs: self._forward_padded(*inputs, early_exit=False))
+            self.graphs = StageGraphs(self._staged_forward)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in _AUTOCAST:
@@ -131,44 +182,57 @@ class LightGlueMatcher:
             out = self.model(data)
         return PairMatches(out["matches"][0].cpu().numpy().astype(np.int64), out["scores"][0].float().cpu().numpy())
 
-    def _padded_inputs(self, query: Features, candidates: Sequence[Features]) -> tuple[torch.Tensor, ...]:
-        """Normalised keypoints, descriptors and validity masks, padded to common (or bucketed) shapes.
+    def _use_graphs(self, batch: int, count0: int, counts1: Sequence[int]) -> bool:
+        """Graphs for launch-bound batches (up to ``cuda_graph_max_batch`` candidates) and for larger ones whose
+        eager shapes already are buckets (graphs then add no padded work); eager otherwise (module docstring)."""
+        if self.graphs is None:
+            return False
+        if batch <= self.config.cuda_graph_max_batch:
+            return True
+        longest = max(counts1)
+        return (batch_bucket(batch) == batch and keypoint_bucket(count0) == count0
+                and keypoint_bucket(longest) == longest)
 
-        Returns kpts0 (B, M, 2), desc0 (B, M, D), mask0 (B, M), kpts1 (B, N, 2), desc1 (B, N, D), mask1 (B, N).
-        With CUDA graphs, B is rounded up to a power of two and M, N to multiples of SHAPE_BUCKET so a
-        handful of captured graphs serve every frame; padded entries are masked out everywhere.
+    def _padded_inputs(self, query: Features, candidates: Sequence[Features], bucketed: bool = False) -> PaddedBatch:
+        """Normalised keypoints, descriptors and validity masks of the query against each candidate.
+
+        Shapes are the exact maxima, or with ``bucketed`` (CUDA graphs) rounded up: the batch by
+        :func:`batch_bucket`, M and N by :func:`keypoint_bucket`. Padded entries are zeros, masked out everywhere.
         """
         device = self.device
         count0, counts1 = len(query), [len(c) for c in candidates]
-        batch, m, n = len(candidates), count0, max(counts1)
-        if self.graphs is not None:
-            batch = 1 << (batch - 1).bit_length()
-            m, n = (-(-m // SHAPE_BUCKET) * SHAPE_BUCKET), (-(-n // SHAPE_BUCKET) * SHAPE_BUCKET)
-        dim = query.descriptors.shape[1]
-        kpts0 = torch.zeros((1, m, 2), device=device)
-        kpts0[0, :count0] = normalize_keypoints(query.keypoints[None].to(device).float(),
-                                                torch.tensor([query.image_size], device=device, dtype=torch.float32))[0]
-        desc0 = torch.zeros((1, m, dim), device=device)
-        desc0[0, :count0] = query.descriptors.to(device)
-        mask0 = torch.zeros((batch, m), dtype=torch.bool, device=device)
-        mask0[: len(candidates), :count0] = True
-        kpts1 = torch.zeros((batch, n, 2), device=device)
-        desc1 = torch.zeros((batch, n, dim), device=device)
-        mask1 = torch.zeros((batch, n), dtype=torch.bool, device=device)
-        for b, candidate in enumerate(candidates):
-            size1 = torch.tensor([candidate.image_size], device=device, dtype=torch.float32)
-            kpts1[b, : counts1[b]] = normalize_keypoints(candidate.keypoints[None].to(device).float(), size1)[0]
-            desc1[b, : counts1[b]] = candidate.descriptors.to(device)
-            mask1[b, : counts1[b]] = True
-        return kpts0.expand(batch, m, 2), desc0.expand(batch, m, dim), mask0, kpts1, desc1, mask1
+        real, m, n = len(candidates), count0, max(counts1)
+        batch = real
+        if bucketed:
+            batch, m, n = batch_bucket(real), keypoint_bucket(m), keypoint_bucket(n)
+        # One upload for every image size and count instead of one small copy per candidate.
+        table = torch.tensor([[*query.image_size, count0]] + [[*c.image_size, k] for c, k in zip(candidates, counts1)]
+                             + [[1, 1, 0]] * (batch - real), dtype=torch.float32).to(device)
+        sizes, counts = table[:, :2], table[:, 2]
+        kpts0 = normalize_keypoints(query.keypoints[None].to(device).float(), sizes[:1])
+        desc0 = query.descriptors[None].to(device).float()
+        kpts1 = pad_sequence([c.keypoints.to(device).float() for c in candidates], batch_first=True)
+        desc1 = pad_sequence([c.descriptors.to(device).float() for c in candidates], batch_first=True)
+        mask0 = (torch.arange(m, device=device)[None] < count0) & (counts[1:, None] > 0)
+        mask1 = torch.arange(n, device=device)[None] < counts[1:, None]
+        kpts1 = normalize_keypoints(kpts1, sizes[1:real + 1]).masked_fill(~mask1[:real, :kpts1.shape[1], None], 0.0)
+        pad = lambda t, length, rows: F.pad(t, (0, 0, 0, length - t.shape[1], 0, rows - t.shape[0]))  # noqa: E731
+        kpts0, desc0 = pad(kpts0, m, 1), pad(desc0, m, 1)
+        kpts1, desc1 = pad(kpts1, n, batch), pad(desc1, n, batch)
+        dim = desc0.shape[-1]
+        return PaddedBatch((kpts0.expand(batch, m, 2), desc0.expand(batch, m, dim), mask0, kpts1, desc1, mask1),
+                           masked0=count0 < m, masked1=any(k < n for k in counts1))
 
     def _match_batch(self, query: Features, candidates: Sequence[Features]) -> list[PairMatches]:
-        """One padded forward pass for the query against all candidates (captured as a CUDA graph on GPU)."""
-        inputs = self._padded_inputs(query, candidates)
-        if self.graphs is not None:
-            matches0, scores0 = self.graphs(*inputs)
+        """One padded forward pass for the query against all candidates (stage graphs on CUDA, see the policy)."""
+        use_graphs = self._use_graphs(len(candidates), len(query), [len(c) for c in candidates])
+        batch = self._padded_inputs(query, candidates, bucketed=use_graphs)
+        early_exit = self.model.conf.depth_confidence > 0
+        if use_graphs:
+            matches0, scores0 = self.graphs(batch, early_exit)
         else:
-            matches0, scores0 = self._forward_padded(*inputs, early_exit=self.model.conf.depth_confidence > 0)
+            matches0, scores0 = self._forward_padded(*batch.tensors, early_exit=early_exit, masked0=batch.masked0,
+                                                     masked1=batch.masked1)
         matches0, scores0 = matches0.cpu(), scores0.float().cpu()
         results = []
         for b, candidate in enumerate(candidates):
@@ -180,34 +244,74 @@ class LightGlueMatcher:
         return results
 
     def _forward_padded(self, kpts0: torch.Tensor, desc0: torch.Tensor, mask0: torch.Tensor, kpts1: torch.Tensor,
-                        desc1: torch.Tensor, mask1: torch.Tensor, early_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """LightGlue on padded batches with per-pair masks -> matches0 (B, M) (-1 = none), scores0 (B, M).
+                        desc1: torch.Tensor, mask1: torch.Tensor, early_exit: bool, masked0: bool = True,
+                        masked1: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """LightGlue on padded batches with per-pair masks -> matches0 (B, M) (-1 = none), scores0 (B, M), eager.
 
-        The layers' weights are kornia's; the attention calls are ours (:meth:`_layer`) so that padding
-        becomes an additive key mask of shape (B, 1, 1, N), which PyTorch's fused attention kernels accept
-        (kornia's (B, M, N) boolean masks, transposed for the cross direction, fall back to the slow math
-        kernel). Early exit (a host synchronisation per layer) counts valid tokens only and stops when
-        every pair is confident.
+        Inputs as :class:`PaddedBatch`. ``masked0`` / ``masked1`` False: no real pair has padded keys on that side,
+        so its attention runs unmasked (fused flash kernel). Early exit (a host synchronisation per layer) counts
+        valid tokens only and stops when every pair is confident.
         """
+        return self._staged_forward(lambda stage, compute: compute(), (kpts0, desc0, mask0, kpts1, desc1, mask1),
+                                    early_exit, masked0, masked1)
+
+    def _staged_forward(self, run: Callable[[tuple, Callable[[], Any]], Any], inputs: Sequence[torch.Tensor],
+                        early_exit: bool, masked0: bool, masked1: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded forward as stages, each computed by ``run(stage_key, compute)``: eager calls ``compute()``,
+        :class:`StageGraphs` replays the stage's graph (capturing it the first time). The stages are the input
+        projection and positional encoding, one per layer (with the early-exit test when ``early_exit``: the
+        host reads it between layers) and the assignment head of the last layer run. Each stage's ``compute``
+        reads only the previous stages' outputs, so captured stages chain through their static buffers.
+
+        The layers' weights are kornia's; the attention calls are ours (:meth:`_layer`) so that padding becomes
+        an additive key mask of shape (B, 1, 1, N), which PyTorch's fused attention kernels accept (kornia's
+        (B, M, N) boolean masks, transposed for the cross direction, fall back to the slow math kernel).
+        """
+        kpts0, desc0, mask0, kpts1, desc1, mask1 = inputs
+        desc0, desc1, encoding0, encoding1, bias0, bias1, valid_tokens = run(("inputs",), functools.partial(
+            self._input_stage, kpts0, desc0, mask0, kpts1, desc1, mask1, masked0, masked1))
+        n_layers = self.model.conf.n_layers
+        for i in range(n_layers):
+            check_exit = early_exit and i < n_layers - 1
+            desc0, desc1, confident = run(("layer", i), functools.partial(
+                self._layer_stage, i, desc0, desc1, encoding0, encoding1, bias0, bias1, valid_tokens, check_exit))
+            if check_exit and bool(confident):
+                break
+        return run(("head", i), functools.partial(self._head_stage, i, desc0, desc1, mask0, mask1))
+
+    def _input_stage(self, kpts0: torch.Tensor, desc0: torch.Tensor, mask0: torch.Tensor, kpts1: torch.Tensor,
+                     desc1: torch.Tensor, mask1: torch.Tensor, masked0: bool, masked1: bool) -> tuple:
+        """Projected descriptors (B, M|N, d), rotary encodings, key biases (B, 1, 1, M|N) or None, valid tokens."""
         model = self.model
         with self._autocast():
             desc0, desc1 = model.input_proj(desc0), model.input_proj(desc1)
             dtype = model.posenc.Wr.weight.dtype
             encoding0, encoding1 = model.posenc(kpts0.to(dtype)), model.posenc(kpts1.to(dtype))
-            bias0, bias1 = self._key_bias(mask0, desc0.dtype), self._key_bias(mask1, desc1.dtype)
-            valid_tokens = torch.cat([mask0, mask1], 1)
-            n_layers = model.conf.n_layers
-            for i in range(n_layers):
-                desc0, desc1 = self._layer(i, desc0, desc1, encoding0, encoding1, bias0, bias1)
-                if i == n_layers - 1 or not early_exit:
-                    continue
-                token0, token1 = model.token_confidence[i](desc0, desc1)
-                unconfident = (torch.cat([token0, token1], 1) < model.confidence_thresholds[i]) & valid_tokens
+            bias0 = self._key_bias(mask0, desc0.dtype) if masked0 else None
+            bias1 = self._key_bias(mask1, desc1.dtype) if masked1 else None
+        return desc0, desc1, encoding0, encoding1, bias0, bias1, torch.cat([mask0, mask1], 1)
+
+    def _layer_stage(self, index: int, desc0: torch.Tensor, desc1: torch.Tensor, encoding0: torch.Tensor,
+                     encoding1: torch.Tensor, bias0: torch.Tensor | None, bias1: torch.Tensor | None,
+                     valid_tokens: torch.Tensor, check_exit: bool) -> tuple:
+        """Layer ``index``; with ``check_exit`` also a 0-d bool tensor: every pair confident (kornia's rule on
+        valid tokens: the confident fraction exceeds depth_confidence)."""
+        model = self.model
+        with self._autocast():
+            desc0, desc1 = self._layer(index, desc0, desc1, encoding0, encoding1, bias0, bias1)
+            confident = None
+            if check_exit:
+                token0, token1 = model.token_confidence[index](desc0, desc1)
+                unconfident = (torch.cat([token0, token1], 1) < model.confidence_thresholds[index]) & valid_tokens
                 ratio_confident = 1.0 - unconfident.float().sum(1) / valid_tokens.float().sum(1).clamp_min(1)
-                if bool((ratio_confident > model.conf.depth_confidence).all()):
-                    break
-            scores = self._masked_log_assignment(model.log_assignment[i], desc0, desc1, mask0, mask1)
-        return mutual_matches(scores.float(), model.conf.filter_threshold)
+                confident = (ratio_confident > model.conf.depth_confidence).all()
+        return desc0, desc1, confident
+
+    def _head_stage(self, index: int, desc0: torch.Tensor, desc1: torch.Tensor, mask0: torch.Tensor,
+                    mask1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            scores = self._masked_log_assignment(self.model.log_assignment[index], desc0, desc1, mask0, mask1)
+        return mutual_matches(scores.float(), self.model.conf.filter_threshold)
 
     def forward_layers(self, kpts0: torch.Tensor, desc0: torch.Tensor, mask0: torch.Tensor, kpts1: torch.Tensor,
                        desc1: torch.Tensor, mask1: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -239,8 +343,10 @@ class LightGlueMatcher:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, PAD_LOGIT)[:, None, None]
 
     def _layer(self, index: int, desc0: torch.Tensor, desc1: torch.Tensor, encoding0: torch.Tensor,
-               encoding1: torch.Tensor, bias0: torch.Tensor, bias1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One LightGlue layer (self block on each image, bidirectional cross block) with key-padding biases.
+               encoding1: torch.Tensor, bias0: torch.Tensor | None, bias1: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LightGlue layer (self block on each image, bidirectional cross block) with key-padding biases
+        (None: no padded keys on that side, unmasked attention).
 
         Same arithmetic as kornia's SelfBlock/CrossBlock: rotary encoding on self-attention queries/keys,
         shared query-key projection in the cross block, softmax scale 1/sqrt(head_dim).
@@ -248,13 +354,16 @@ class LightGlueMatcher:
         layer = self.model.transformers[index]
         block = layer.self_attn
 
-        def self_block(x: torch.Tensor, encoding: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        def mask(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+            return None if bias is None else bias.to(like.dtype)
+
+        def self_block(x: torch.Tensor, encoding: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             qkv = block.Wqkv(x).unflatten(-1, (block.num_heads, -1, 3)).transpose(1, 2)
             query = apply_cached_rotary_emb(encoding, qkv[..., 0])
             key = apply_cached_rotary_emb(encoding, qkv[..., 1])
             # The value slice has a last-dimension stride of 3; fused kernels need it contiguous.
             value = qkv[..., 2].contiguous()
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask(bias, query))
             return x + block.ffn(torch.cat([x, block.out_proj(context.transpose(1, 2).flatten(-2))], -1))
 
         desc0, desc1 = self_block(desc0, encoding0, bias0), self_block(desc1, encoding1, bias1)
@@ -262,8 +371,8 @@ class LightGlueMatcher:
         heads = lambda t: t.unflatten(-1, (cross.heads, -1)).transpose(1, 2).contiguous()  # noqa: E731
         qk0, qk1 = heads(cross.to_qk(desc0)), heads(cross.to_qk(desc1))
         v0, v1 = heads(cross.to_v(desc0)), heads(cross.to_v(desc1))
-        message0 = F.scaled_dot_product_attention(qk0, qk1, v1, attn_mask=bias1.to(qk0.dtype))
-        message1 = F.scaled_dot_product_attention(qk1, qk0, v0, attn_mask=bias0.to(qk1.dtype))
+        message0 = F.scaled_dot_product_attention(qk0, qk1, v1, attn_mask=mask(bias1, qk0))
+        message1 = F.scaled_dot_product_attention(qk1, qk0, v0, attn_mask=mask(bias0, qk1))
         message0 = cross.to_out(message0.transpose(1, 2).flatten(-2))
         message1 = cross.to_out(message1.transpose(1, 2).flatten(-2))
         return (desc0 + cross.ffn(torch.cat([desc0, message0], -1)),
@@ -330,3 +439,62 @@ class CudaGraphCache:
             static.copy_(fresh)
         graph.replay()
         return static_outputs
+
+
+class StageGraphs:
+    """CUDA graphs of the staged LightGlue forward (:meth:`LightGlueMatcher._staged_forward`), per input shape.
+
+    Per shape (and early-exit setting): static input buffers, one memory pool, and one graph per stage, captured
+    the first time a call reaches that stage (inputs, layer i, head i). Stages chain through their static outputs,
+    so a call copies its inputs once and replays stage graphs, reading only the early-exit flag between layers.
+    Sharing the pool is safe because every stage's outputs stay referenced (no later capture reuses them) and its
+    consumers replay right after it (the next layer, its head), before any stage captured earlier could write
+    into the memory it was given. Outputs live in static buffers until the next call of the same shape. The
+    least recently used of more than ``max_shapes`` shapes is dropped (its graphs and pool freed).
+    """
+
+    def __init__(self, staged_forward, max_shapes: int = MAX_GRAPH_SHAPES) -> None:
+        self.staged_forward = staged_forward
+        self.max_shapes = max_shapes
+        self.shapes: OrderedDict[tuple, _ShapeGraphs] = OrderedDict()
+
+    def __call__(self, batch: PaddedBatch, early_exit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple((tuple(t.shape), t.dtype) for t in batch.tensors), batch.masked0, batch.masked1, early_exit)
+        graphs = self.shapes.get(key)
+        if graphs is None:
+            if len(self.shapes) >= self.max_shapes:
+                self.shapes.popitem(last=False)
+            graphs = self.shapes[key] = _ShapeGraphs([t.clone() for t in batch.tensors])
+        self.shapes.move_to_end(key)
+        for static, fresh in zip(graphs.inputs, batch.tensors):
+            static.copy_(fresh)
+        return self.staged_forward(graphs.run, graphs.inputs, early_exit, batch.masked0, batch.masked1)
+
+    def captured(self) -> int:
+        """Stage graphs captured so far, over all shapes."""
+        return sum(len(graphs.stages) for graphs in self.shapes.values())
+
+
+class _ShapeGraphs:
+    """The stage graphs of one input shape: static inputs, a shared memory pool, {stage key: (graph, outputs)}."""
+
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        self.inputs = inputs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stages: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
+
+    def run(self, stage: tuple, compute: Callable[[], Any]) -> Any:
+        if stage not in self.stages:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph: lazy initialisation, cuBLAS and attention kernels
+                    compute()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = compute()
+            self.stages[stage] = (graph, outputs)
+        graph, outputs = self.stages[stage]
+        graph.replay()
+        return outputs

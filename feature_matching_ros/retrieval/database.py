@@ -13,7 +13,9 @@ so odometry neighbours are never offered as loop candidates.
 
 Index: VLAD vectors are unit-norm, so cosine similarity = inner product and faiss ``IndexFlatIP`` is
 exact; with a few hundred dims it answers 100k keyframes in a few ms (see benchmarks/). Exclusions are
-a faiss ``IDSelectorBitmap`` (search-time filtering, exact top-k among the eligible keyframes).
+a faiss ``IDSelectorBitmap`` (search-time filtering, exact top-k among the eligible keyframes). Without faiss
+installed the same exact search runs in numpy (:class:`ExactInnerProduct`; linear in the map size, a few ms
+per 10k keyframes), so the engine also runs on minimal installs without faiss.
 Bag-of-words vectors use the DBoW2 L1 score (sum of per-word minima), which is not an inner product:
 they go through a sparse inverted file (scipy CSR, words x keyframes) instead.
 """
@@ -248,18 +250,48 @@ class BowInvertedIndex:
         return np.concatenate(parts)
 
 
+class ExactInnerProduct:
+    """Exact inner-product scores of one query against every stored (dim,) vector, in numpy: faiss ``IndexFlatIP``
+    for installs without faiss (same ranking up to float rounding)."""
+
+    def __init__(self, dim: int) -> None:
+        self._buffer = np.zeros((64, dim), np.float32)  # grows by doubling: adding one keyframe is O(1) amortised
+        self.ntotal = 0
+
+    def add(self, vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        needed = self.ntotal + len(vectors)
+        if needed > len(self._buffer):
+            grown = np.zeros((max(needed, 2 * len(self._buffer)), self._buffer.shape[1]), np.float32)
+            grown[:self.ntotal] = self._buffer[:self.ntotal]
+            self._buffer = grown
+        self._buffer[self.ntotal:needed] = vectors
+        self.ntotal = needed
+
+    def scores(self, vector: np.ndarray) -> np.ndarray:
+        """(dim,) query -> (ntotal,) float32 inner products."""
+        return self._buffer[:self.ntotal] @ np.asarray(vector, np.float32)
+
+
 class KeyframeDatabase:
-    """Keyframes in insertion order plus a global index. ``kind``: "vlad" (faiss IP) or "bow" (inverted file)."""
+    """Keyframes in insertion order plus a global index. ``kind``: "vlad" (faiss IP, or numpy without faiss) or
+    "bow" (inverted file)."""
 
     def __init__(self, kind: str, global_dim: int, config: RetrievalConfig | None = None) -> None:
-        import faiss
-
         if kind not in ("vlad", "bow"):
             raise ValueError(f"kind={kind!r} is not valid; allowed: vlad, bow")
         self.kind, self.global_dim = kind, int(global_dim)
         self.config = config or RetrievalConfig()
         self.keyframes: list[Keyframe] = []
-        self._index = faiss.IndexFlatIP(self.global_dim) if kind == "vlad" else BowInvertedIndex(self.global_dim)
+        if kind == "vlad":
+            try:
+                import faiss
+
+                self._index = faiss.IndexFlatIP(self.global_dim)
+            except ImportError:
+                self._index = ExactInnerProduct(self.global_dim)
+        else:
+            self._index = BowInvertedIndex(self.global_dim)
         self._stamps = np.zeros(0, np.int64)
         self._verifiable = np.zeros(0, bool)
         self._ids: dict[int, int] = {}
@@ -324,7 +356,7 @@ class KeyframeDatabase:
         if not mask.any():
             return []
         vector = np.asarray(global_descriptor, np.float32).reshape(1, -1)
-        if self.kind == "vlad":
+        if self.kind == "vlad" and not isinstance(self._index, ExactInnerProduct):
             import faiss
 
             k = min(top_k, int(mask.sum()))

@@ -4,7 +4,8 @@
   Arandjelovic & Zisserman 2013): residuals to the nearest of K centroids summed per centroid, then
   intra-normalisation (per-centroid L2), signed square root (power norm) and a final L2 norm, then optional
   PCA-whitening to ``pca_dim`` dims and a final L2 norm, so the inner product of two descriptors is their
-  cosine similarity and faiss ``IndexFlatIP`` ranks by it. Assignment uses faiss (exact L2 nearest centroid).
+  cosine similarity and faiss ``IndexFlatIP`` ranks by it. Assignment uses faiss (exact L2 nearest centroid),
+  or the same exact search in numpy where faiss is not installed (:class:`NearestCentroidL2`).
 * :class:`BinaryVocabulary` — bag of binary words the ORB-SLAM3 / DBoW2 way but with a flat vocabulary:
   words are k-majority centroids of 256-bit ORB descriptors (k-medoids-like clustering in Hamming space,
   centroid bit = majority vote), tf-idf weights, L1-normalised vectors and the DBoW2 L1 score
@@ -52,6 +53,32 @@ def _faiss():
     return faiss
 
 
+def _faiss_if_installed():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+class NearestCentroidL2:
+    """Exact L2 nearest centroid in numpy, the answer of faiss ``IndexFlatL2.search(x, 1)`` (up to float rounding
+    on near ties): VLAD assignment for installs without faiss. centroids: (K, D) float32."""
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        self.centroids = np.ascontiguousarray(centroids, np.float32)
+        self._squared_norms = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) -> squared distances (N, 1) and indices (N, 1) int64; only k = 1."""
+        if k != 1:
+            raise ValueError("NearestCentroidL2 answers k=1 only")
+        distances = self._squared_norms[None] - 2.0 * (vectors @ self.centroids.T)
+        nearest = np.argmin(distances, axis=1)
+        best = distances[np.arange(len(vectors)), nearest] + (vectors.astype(np.float32) ** 2).sum(1)
+        return best[:, None], nearest[:, None].astype(np.int64)
+
+
 @dataclass
 class VladCodebook:
     """centroids: (K, D) float32; pca_mean (K*D,), pca_projection (P, K*D) rows already divided by
@@ -65,8 +92,12 @@ class VladCodebook:
 
     def __post_init__(self) -> None:
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
-        self._index = _faiss().IndexFlatL2(self.centroids.shape[1])
-        self._index.add(self.centroids)
+        faiss = _faiss_if_installed()
+        if faiss is None:
+            self._index = NearestCentroidL2(self.centroids)
+        else:
+            self._index = faiss.IndexFlatL2(self.centroids.shape[1])
+            self._index.add(self.centroids)
 
     @property
     def descriptor_dim(self) -> int:

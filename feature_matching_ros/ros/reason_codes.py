@@ -22,6 +22,7 @@ class ReasonCode(str, Enum):
     OK = "ok"
     # geometric verification (geometry/pose.py and the engine's PnP)
     TOO_FEW_MATCHES = "too_few_matches"
+    SUPPORT_OUT_OF_REACH = "support_out_of_reach"  # fewer matches than the inliers required: not verified
     TOO_FEW_DEPTH_MATCHES = "too_few_depth_matches"
     PNP_FAILED = "pnp_failed"
     TOO_FEW_PNP_INLIERS = "too_few_pnp_inliers"
@@ -69,6 +70,7 @@ _PREFIXES: tuple[tuple[str, ReasonCode], ...] = (
     ("ok", ReasonCode.OK),
     ("too few matches with valid depth", ReasonCode.TOO_FEW_DEPTH_MATCHES),
     ("too few matches with 3D on both sides", ReasonCode.TOO_FEW_3D_MATCHES),
+    ("too few matches for the required support", ReasonCode.SUPPORT_OUT_OF_REACH),
     ("too few matches", ReasonCode.TOO_FEW_MATCHES),
     ("PnP RANSAC found no pose", ReasonCode.PNP_FAILED),
     ("too few PnP inliers", ReasonCode.TOO_FEW_PNP_INLIERS),
