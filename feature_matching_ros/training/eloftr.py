@@ -73,6 +73,9 @@ class TrainConfig:
     deadline: float = 0.0  # unix time by which training stops (time-boxed runs); 0 = none
     log_every: int = 25
     max_pairs: int = 0  # use at most this many training pairs (0 = all; smoke tests)
+    # Every pair is fitted to this size (scaled to cover, centre-cropped; multiples of 32): batches stack whole
+    # images, and real photos come in many sizes and orientations.
+    image_size: tuple[int, int] = (640, 480)
     export: str | None = None  # fp16 safetensors shards of the final model here
 
 
@@ -180,9 +183,17 @@ def focal_loss_positive(probability: torch.Tensor, alpha: float, gamma: float) -
 
 # ----------------------------------------------------------------------------------------------- data
 class PairTensors:
-    """All pairs as gray uint8 tensors on the training device, with their geometry (no per-step loading)."""
+    """All pairs as gray uint8 tensors on the training device, with their geometry (no per-step loading).
+    Pairs of another size than ``size`` (W, H) are fitted to it (``real_pairs.fit_pair_to_size``)."""
 
-    def __init__(self, sources: list, device: torch.device, max_pairs: int = 0) -> None:
+    def __init__(self, sources: list, device: torch.device, max_pairs: int = 0,
+                 size: tuple[int, int] = (640, 480)) -> None:
+        from feature_matching_ros.training.real_pairs import fit_pair_to_size
+
+        width, height = size
+        if width % 32 or height % 32 or width < 64 or height < 64:
+            raise ValueError(f"image size {width}x{height}: both sides must be multiples of 32 (at least 64)")
+        fitted = 0
         self.images0: list[torch.Tensor] = []
         self.images1: list[torch.Tensor] = []
         self.geometry: list[PairGeometry] = []
@@ -194,18 +205,16 @@ class PairTensors:
                 pair = source.load(index)
                 if pair is None:
                     continue
+                if any(pair[k].shape[:2] != (height, width) for k in ("image0", "image1")):
+                    pair = fit_pair_to_size(pair, width, height)
+                    fitted += 1
                 image0, image1 = _gray(pair["image0"]), _gray(pair["image1"])
-                height, width = image0.shape
-                if image1.shape != image0.shape or height % 32 or width % 32:
-                    LOG.warning("skipping a pair of size %s / %s (both must be equal, multiples of 32)",
-                                image0.shape, image1.shape)
-                    continue
                 self.images0.append(torch.from_numpy(np.ascontiguousarray(image0)).to(device))
                 self.images1.append(torch.from_numpy(np.ascontiguousarray(image1)).to(device))
                 self.geometry.append(_geometry(pair, device))
                 self.kinds.append(pair.get("kind", "megadepth"))
-        if len({tuple(i.shape) for i in self.images0}) > 1:
-            raise ValueError("training pairs must all have one image size (make-pairs --width/--height)")
+        if fitted:
+            LOG.info("%d of %d pairs fitted to %dx%d", fitted, len(self.kinds), width, height)
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -235,9 +244,11 @@ class EfficientLoftrTrainer(Trainer):
 
     def load_data(self) -> None:
         start = time.perf_counter()
+        size = tuple(self.config.image_size)
         self.train_data = PairTensors(pair_sources(self.config.train, self.config.megadepth_root,
-                                               self.config.megadepth_scenes), self.device, self.config.max_pairs)
-        self.eval_data = PairTensors(pair_sources(self.config.eval), self.device) if self.config.eval else None
+                                                   self.config.megadepth_scenes), self.device, self.config.max_pairs, size)
+        self.eval_data = (PairTensors(pair_sources(self.config.eval), self.device, 0, size)
+                          if self.config.eval else None)
         if not len(self.train_data):
             raise ValueError("no training pairs: give --train folders (fmr make-pairs) or --megadepth-*")
         print(f"data: {len(self.train_data)} train pairs, {len(self.eval_data) if self.eval_data else 0} eval pairs, "
