@@ -67,7 +67,7 @@ PAIR_SOURCES = {key: SOURCES[key] for key in ("line3dpp", "sceaux", "hloc", "mon
     "mast3r": Source("--mast3r", "https://github.com/naver/mast3r", "CC BY-NC-SA 4.0 (repository LICENSE)",
                      ("assets/NLE_tower",)),
     "bundler": Source("--bundler", "https://github.com/snavely/bundler_sfm",
-                      "GPL-2.0 (repository); example photo sets shipped with Bundler",
+                      "GNU GPL (repository README); example photo sets shipped with Bundler",
                       ("examples/kermit", "examples/ET")),
 }
 # Data that must never feed these pairs: the held-out loop-closure sequence and the reserved evaluation sources.
@@ -132,7 +132,7 @@ COLLECTIONS = {
     "statue": Collection("vggsfm", _glob("examples/statue/images/*.jpg"), "heldout", "outdoor object", True,
                          "a statue walked around (VGGSfM example)"),
 }
-TRAIN_SELECTION = PairSelection(min_covisibility=0.1, min_shared_points=30, max_pairs=150, seed=0)
+TRAIN_SELECTION = PairSelection(min_covisibility=0.1, min_shared_points=30, max_pairs=250, seed=0)
 # Held out: the translation direction must be observable (baseline >= 3 % of the scene depth), and pairs are
 # drawn evenly from three covisibility bins so that wide baselines count as much as easy neighbours.
 HELDOUT_SELECTION = PairSelection(min_covisibility=0.1, min_shared_points=50, max_pairs=40,

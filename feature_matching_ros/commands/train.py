@@ -32,7 +32,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser, defaults, export_help: s
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="stop with a checkpoint after this")
     parser.add_argument("--deadline", type=float, default=0.0,
-                        help="unix time by which training stops (time-boxed runs; 0 = none)")
+                        help="unix time by which training stops; the learning-rate schedule ends there too "
+                             "(one time-boxed run; 0 = none)")
+    parser.add_argument("--stop-at", type=float, default=0.0,
+                        help="unix time at which this session stops with a checkpoint, the schedule following "
+                             "--steps (a run spread over sessions: --resume continues it; 0 = none)")
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--export", help=export_help)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_minutes: float = 0.0
     deadline: float = 0.0  # unix time by which training stops (time-boxed runs); 0 = none
+    stop_at: float = 0.0  # unix time at which this session stops with a checkpoint; the schedule is unchanged
     log_every: int = 25
     max_pairs: int = 0  # use at most this many training pairs (0 = all; smoke tests)
     # Every pair is fitted to this size (scaled to cover, centre-cropped; multiples of 32): batches stack whole
@@ -359,15 +360,18 @@ class EfficientLoftrTrainer(Trainer):
     def fit(self) -> None:
         config = self.config
         start = self.start_budget()
-        rng = np.random.default_rng([config.seed, self.step])
-        generator = torch.Generator().manual_seed(config.seed * 7919 + self.step)
+        generator = torch.Generator()
         window: list[dict] = []
         steps_per_epoch = max(1, len(self.train_data) // config.batch_size)
         while self.step < config.steps:
-            order = rng.permutation(len(self.train_data))
-            for first in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            # Batch order and fine-stage sampling are functions of (seed, epoch, step): a resumed run sees the same
+            # batches as one that never stopped.
+            epoch, done = divmod(self.step, steps_per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_data))
+            for first in range(done * config.batch_size, steps_per_epoch * config.batch_size, config.batch_size):
                 if self.step >= config.steps:
                     break
+                generator.manual_seed(config.seed * 7919 + self.step)
                 self.elapsed_s = time.perf_counter() - start
                 image0, image1, geometry = self.train_data.batch(order[first:first + config.batch_size])
                 window.append(self.train_step(image0, image1, geometry, generator))

@@ -57,7 +57,7 @@ SPLITS = ("train", "heldout")
 class DepthSettings:
     """Semi-dense depth from sparse points (see module docstring)."""
 
-    max_edge_px: float = 32.0  # at a 640 px long side; scaled with the image's long side
+    max_edge_px: float = 48.0  # at a 640 px long side; scaled with the image's long side
     max_depth_ratio: float = 1.15  # largest / smallest corner depth of a kept triangle
 
 

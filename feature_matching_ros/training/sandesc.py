@@ -88,6 +88,7 @@ class TrainConfig:
     eval_every: int = 500
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
     deadline: float = 0.0  # unix time by which training must stop (sets max_minutes at the start of fit); 0 = none
+    stop_at: float = 0.0  # unix time at which this session stops with a checkpoint; the schedule is unchanged
     log_every: int = 25
     export: str | None = None  # write fp16 safetensors (+ history, validation) here
 
