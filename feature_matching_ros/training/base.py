@@ -86,6 +86,12 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
 
+    def stop_reason(self) -> str:
+        """Why :meth:`end_of_step` ended the session (for the log)."""
+        if self.config.stop_at and time.time() >= self.config.stop_at:
+            return f"--stop-at reached at step {self.step} (resume continues the schedule)"
+        return f"time budget of {self.config.max_minutes:.1f} min reached at step {self.step}"
+
     def end_of_step(self, start: float) -> bool:
         """Checkpoint every ``checkpoint_every`` steps; True once the time budget is spent or ``stop_at`` passed
         (the caller then checkpoints and returns; ``--resume`` continues the same schedule)."""

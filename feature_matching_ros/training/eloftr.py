@@ -385,7 +385,7 @@ class EfficientLoftrTrainer(Trainer):
                           f"{mean['positives']:.0f} lr {mean['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
                 if self.end_of_step(start):
-                    print(f"time budget reached at step {self.step}", flush=True)
+                    print(self.stop_reason(), flush=True)
                     self.validate()
                     self.save_checkpoint()
                     return

@@ -224,8 +224,7 @@ class LightGlueTrainer(Trainer):
                           f"lr {logs['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
                 if self.end_of_step(start):
-                    LOG.warning("time budget of %.1f min reached at step %d", config.max_minutes, self.step)
-                    print(f"time budget reached at step {self.step}", flush=True)
+                    print(self.stop_reason(), flush=True)
                     self.validate()
                     self.save_checkpoint()
                     return

@@ -439,7 +439,7 @@ class SandescTrainer(Trainer):
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self.validate()
             if self.end_of_step(start):
-                print(f"time budget of {config.max_minutes:.1f} min reached at step {self.step}", flush=True)
+                print(self.stop_reason(), flush=True)
                 break
         self.validate()
         self.save_checkpoint()
