@@ -156,3 +156,29 @@ def test_training_loaders_read_real_pair_sets(plane_set):
         PairTensors([source], torch.device("cpu"), size=(100, 96))
     with pytest.raises(FileNotFoundError, match="pair_"):
         PairFolder([str(root / "plane")])  # a scene folder is neither a pair set nor a make-pairs folder
+
+
+def test_select_pairs_by_covisibility_bins_and_baseline(tmp_path):
+    # Six cameras on a line looking at 200 points; camera k sees points [20 k, 20 k + 100): neighbours share
+    # 80 %, cameras four apart 20 %, five apart 0 %.
+    points = np.c_[np.linspace(-2, 2, 200), np.zeros(200), np.full(200, 10.0)]
+    poses = []
+    for k in range(6):
+        T = np.eye(4)
+        T[0, 3] = -0.1 * k * (k != 1)  # camera 1 sits where camera 0 does: no baseline
+        poses.append(T)
+    observations = [np.arange(20 * k, 20 * k + 100) for k in range(6)]
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_scene(tmp_path / "line", [f"{k}.jpg" for k in range(6)], [image] * 6, np.stack([K] * 6), np.stack(poses),
+                points, observations)
+    scene = SfmScene(tmp_path / "line")
+    every = select_pairs(scene, PairSelection(min_covisibility=0.1, min_shared_points=10))
+    assert {(p["i"], p["j"]) for p in every} == {(i, j) for i in range(6) for j in range(i + 1, min(i + 5, 6))}
+    assert {(p["i"], p["j"]): p["covisibility"] for p in every}[(0, 4)] == pytest.approx(0.2)
+    # Baseline filter: pair (0, 1) has none.
+    moving = select_pairs(scene, PairSelection(min_shared_points=10, min_baseline_ratio=0.005))
+    assert (0, 1) not in {(p["i"], p["j"]) for p in moving} and len(moving) == len(every) - 1
+    # Evenly over bins: 5 pairs with covisibility in [0.1, 0.5) and 9 in [0.5, 1] exist; 4 asked: 2 from each.
+    binned = select_pairs(scene, PairSelection(min_shared_points=10, max_pairs=4, bins=(0.1, 0.5, 1.01)))
+    covisibility = np.array([p["covisibility"] for p in binned])
+    assert len(binned) == 4 and (covisibility < 0.5).sum() == 2
