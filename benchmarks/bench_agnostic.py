@@ -1,10 +1,10 @@
 """Official vs detector-agnostic (fine-tuned) ALIKED-LightGlue, per detector, all keypoints described by ALIKED.
 
     # real held-out pairs (scenes never trained on; scripts/build_real_pairs.py), + our Efficient LoFTR
-    python benchmarks/bench_agnostic.py --real ~/.cache/feature_matching_ros/real_pairs/heldout --max-pairs 40 \
-        --eloftr --device cpu --out benchmarks/results/agnostic_real_cpu.md
-    python benchmarks/bench_agnostic.py --real ~/.cache/feature_matching_ros/real_pairs/heldout --eloftr \
-        --device cuda --out benchmarks/results/agnostic_real_gpu.md
+    python benchmarks/bench_agnostic.py --real ~/.cache/feature_matching_ros/real_pairs/heldout --max-pairs 20 \\
+        --detectors orb sift aliked disk xfeat --eloftr --device cpu
+    python benchmarks/bench_agnostic.py --real ~/.cache/feature_matching_ros/real_pairs/heldout \\
+        --detectors orb sift aliked disk xfeat --eloftr --device cuda
     # synthetic dev pairs
     python benchmarks/bench_agnostic.py --device cpu --rendered-pairs 32 --out benchmarks/results/agnostic.md
 
@@ -116,7 +116,8 @@ def main() -> int:
             features=FeatureConfig(detector="orb", descriptor="native", resize_max=640),
             matcher=MatcherConfig(name="eloftr", weights=args.eloftr), device=args.device, precision="fp32"))
         device = pipeline.device
-        report("Efficient LoFTR", "ours" if args.eloftr == "default" else Path(args.eloftr).name,
+        report("Efficient LoFTR (no keypoints)", "ours (resource/eloftr)" if args.eloftr == "default"
+               else Path(args.eloftr).name,
                evaluate_combination(pipeline, pairs))
     text = "\n".join(table(rows, args, pairs, summary, device))
     print(text)
