@@ -12,7 +12,9 @@
 (the manifest interleaves scenes, so a prefix samples every scene evenly). Match precision there is the share of
 matches within 2 px of the ground-truth epipolar line (symmetric distance); poses by essential matrix, error =
 max(rotation, translation direction), AUC@5/10/20 with failures infinite. ``--eloftr [WEIGHTS]`` adds Efficient
-LoFTR (default: our weights in resource/eloftr) next to official LightGlue on ORB-SS keypoints.
+LoFTR (default: our weights in resource/eloftr; or a checkpoint, or an export folder of ``fmr train eloftr``) next
+to official LightGlue on ORB-SS keypoints; ``--candidate DIR`` adds a LightGlue from an export folder of
+``fmr train lightglue`` (weights measured before they are packed into resource/).
 Without ``--real``: the synthetic dev pairs (graf1-3, motorcycle stereo and synthetic homographies of photos
 excluded from fine-tuning) + the *eval* split of ``fmr make-pairs``; precision = homography transfer error < 3 px
 (graf < 5 px), pose pairs reprojection with exact depth < 3 px.
@@ -23,6 +25,7 @@ descriptors).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -62,6 +65,18 @@ def real_pairs(folder: Path, max_pairs: int) -> tuple[list[PosePair], dict]:
                    "covisibility": [float(p["covisibility"]) for p in source.pairs]}
 
 
+def export_state(folder: Path) -> dict:
+    """The state dict of a training export folder (``fmr train ... --export DIR``: fp16 shards + a JSON of their
+    sha256), so that weights can be measured before they are packed into resource/."""
+    from feature_matching_ros.weights import load_sharded_safetensors
+
+    listings = [p for p in sorted(folder.glob("*.json"))
+                if all(str(k).endswith(".safetensors") for k in json.loads(p.read_text()) or [None])]
+    if len(listings) != 1:
+        raise SystemExit(f"{folder}: expected one JSON listing the exported shards, found {len(listings)}")
+    return load_sharded_safetensors(folder, json.loads(listings[0].read_text()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -69,13 +84,17 @@ def main() -> int:
     parser.add_argument("--real", type=Path, help="real pair set folder (e.g. .../real_pairs/heldout)")
     parser.add_argument("--max-pairs", type=int, default=0, help="with --real: the first N pairs (0 = all)")
     parser.add_argument("--eloftr", nargs="?", const="default", metavar="WEIGHTS",
-                        help="add Efficient LoFTR (default: our weights) next to ORB-SS + official LightGlue")
+                        help="add Efficient LoFTR next to ORB-SS + official LightGlue: our shipped weights (no "
+                             "value), a checkpoint file, or an export folder of fmr train eloftr")
+    parser.add_argument("--candidate", type=Path, metavar="DIR",
+                        help="also measure a LightGlue from an export folder of fmr train lightglue (--export DIR)")
     parser.add_argument("--rendered-pairs", type=int, default=32, help="eval-split pairs (half rendered, half homography)")
     parser.add_argument("--pairs-dir", type=Path, help="existing eval-split make-pairs folder")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    candidate = export_state(args.candidate) if args.candidate else None
     summary = None
     if args.real:
         pairs, summary = real_pairs(args.real, args.max_pairs)
@@ -104,17 +123,26 @@ def main() -> int:
         pipeline = MatchingPipeline(config)
         device = pipeline.device
         pipeline.extract = memoised(pipeline.extract)
-        for weights in WEIGHTS:
-            matcher_config = MatcherConfig(weights=weights)
+        for weights in WEIGHTS + (("candidate",) if candidate is not None else ()):
+            matcher_config = MatcherConfig(weights="official" if weights == "candidate" else weights)
             pipeline.config.matcher = matcher_config
             pipeline.matcher = build_matcher(matcher_config, pipeline.extractor.descriptor_type, pipeline.device,
                                              pipeline.precision)
+            if weights == "candidate":
+                pipeline.matcher.model.load_state_dict({k: v.to(pipeline.device) for k, v in candidate.items()})
+                weights = f"{args.candidate.name} (candidate)"
             report(detector, weights, evaluate_combination(pipeline, pairs))
     if args.eloftr:
+        eloftr_weights = args.eloftr
+        if Path(args.eloftr).is_dir():  # an export folder: one safetensors file with official key names
+            from safetensors.torch import save_file
+
+            eloftr_weights = str(Path(tempfile.mkdtemp(prefix="fmr_eloftr_")) / "candidate.safetensors")
+            save_file({k: v.contiguous() for k, v in export_state(Path(args.eloftr)).items()}, eloftr_weights)
         # Detector-free: the extractor only serves retrieval in the engine; ORB with native descriptors loads no net.
         pipeline = MatchingPipeline(PipelineConfig(
             features=FeatureConfig(detector="orb", descriptor="native", resize_max=640),
-            matcher=MatcherConfig(name="eloftr", weights=args.eloftr), device=args.device, precision="fp32"))
+            matcher=MatcherConfig(name="eloftr", weights=eloftr_weights), device=args.device, precision="fp32"))
         device = pipeline.device
         report("Efficient LoFTR (no keypoints)", "ours (resource/eloftr)" if args.eloftr == "default"
                else Path(args.eloftr).name,
@@ -147,10 +175,11 @@ def table(rows: list, args, pairs: list, summary: dict | None, device) -> list[s
     by_detector = {}
     for detector, weights, result in rows:
         by_detector.setdefault(detector, {})[weights] = result
-    deltas = [f"{d} {r['agnostic']['auc@10'] - r['official']['auc@10']:+.1f}" for d, r in by_detector.items()
-              if {"official", "agnostic"} <= set(r)]
-    if deltas:
-        lines += ["", "AUC@10, ours minus official: " + ", ".join(deltas) + "."]
+    for weights in dict.fromkeys(w for _, w, _ in rows if w != "official"):
+        deltas = [f"{d} {r[weights]['auc@10'] - r['official']['auc@10']:+.1f}" for d, r in by_detector.items()
+                  if {"official", weights} <= set(r)]
+        if deltas:
+            lines += ["", f"AUC@10, {weights} minus official: " + ", ".join(deltas) + "."]
     return lines + [""]
 
 

@@ -9,7 +9,8 @@
 #   TRAIN_S (seconds from the end of data generation to the training deadline), ELOFTR_ARGS, SANDESC_ARGS,
 #   WORK_DIR (scratch space for pairs, runs and logs), REAL_TRAIN / REAL_EVAL (real pair sets from
 #   scripts/build_real_pairs.py, mixed with the synthetic pairs), RUN_ROOT (run folders RUN_ROOT/run_JOB; with
-#   RESUME=1 each job continues from its checkpoint.pt, see docs/REAL_DATA.md).
+#   RESUME=1 each job continues from its checkpoint.pt, see docs/REAL_DATA.md), STEPS and MULTI_SESSION=1 (a run
+#   over several sessions: the schedule follows STEPS and each session ends with --stop-at instead of --deadline).
 # Used for resource/eloftr and resource/sandesc (their MODEL_CARD.md give the exact call).
 set -o pipefail
 if [ $# -ne 1 ]; then echo "usage: $0 RESULTS_DIR" >&2; exit 2; fi
@@ -37,9 +38,11 @@ echo "pairs generated in $(( $(date +%s) - START )) s: $(ls "$PAIRS"/train_*/pai
   | tee "$LOGS/gen.log"
 DEADLINE=$(( $(date +%s) + ${TRAIN_S:-300} ))
 RUN_ROOT=${RUN_ROOT:-$WORK_DIR}
+STOP=(--deadline "$DEADLINE")
+if [ -n "$MULTI_SESSION" ]; then STOP=(--stop-at "$DEADLINE"); fi
 # shellcheck disable=SC2206
 COMMON=(--train "$PAIRS"/train_* $REAL_TRAIN --eval "$PAIRS/eval_a" "$PAIRS/eval_b" $REAL_EVAL
-        --deadline "$DEADLINE" --steps "${STEPS:-1000000}" ${RESUME:+--resume})
+        "${STOP[@]}" --steps "${STEPS:-1000000}" ${RESUME:+--resume})
 for job in $JOBS; do
   case $job in
     # shellcheck disable=SC2086
