@@ -102,9 +102,10 @@ SOURCES = {
 
 
 # --------------------------------------------------------------------------------------------- utilities
-def source_record(key: str, root: Path, paths: list[str]) -> dict:
-    """Where a sequence's data came from: repository, commit of the local clone, licence, paths used."""
-    source = SOURCES[key]
+def source_record(key: str, root: Path, paths: list[str], sources: dict[str, Source] | None = None) -> dict:
+    """Where a sequence's data came from: repository, commit of the local clone, licence, paths used.
+    ``sources``: the registry ``key`` is looked up in (default :data:`SOURCES`)."""
+    source = (sources or SOURCES)[key]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -113,8 +114,8 @@ def source_record(key: str, root: Path, paths: list[str]) -> dict:
     return {"repository": source.url, "commit": commit, "licence": source.licence, "paths": paths}
 
 
-def check_source(key: str, root: Path | None) -> Path:
-    source = SOURCES[key]
+def check_source(key: str, root: Path | None, sources: dict[str, Source] | None = None) -> Path:
+    source = (sources or SOURCES)[key]
     if root is None:
         raise SystemExit(f"{source.option} is required: a local clone of {source.url}")
     root = Path(root).expanduser()

@@ -79,7 +79,7 @@ def tiny_pairs(tmp_path_factory):
 def test_training_smoke_loss_falls_and_resume_continues(tiny_pairs, tmp_path):
     config = TrainConfig(train=[str(tiny_pairs / "train")], eval=[str(tiny_pairs / "eval")], out=str(tmp_path / "run"),
                          batch_size=2, steps=4, lr=2e-3, warmup_steps=1, log_every=1, checkpoint_every=2,
-                         device="cpu", max_pairs=2, export=str(tmp_path / "export"))
+                         device="cpu", max_pairs=2, image_size=(128, 96), export=str(tmp_path / "export"))
     trainer = train_eloftr(config)
     losses = [entry["loss"] for entry in trainer.history]
     assert len(losses) == 4 and all(np.isfinite(losses))

@@ -128,6 +128,13 @@ def test_train_smoke_checkpoint_resume_export(tmp_path):
     resumed.load_data()
     resumed.fit()
     assert resumed.step == 3
+    # Exact resume: the same weights as a run that went to step 3 without stopping (same batches, same schedule).
+    from dataclasses import replace
+
+    straight = train_lightglue(replace(config, out=str(tmp_path / "straight"), cache=str(tmp_path / "run" / "cache"),
+                                       export=None))
+    assert all(torch.equal(value, straight.model.state_dict()[name])
+               for name, value in resumed.model.state_dict().items())
 
     # The loss drops when the same batch is trained on repeatedly.
     batch = resumed.train_data.batch(np.arange(min(2, len(resumed.train_data))))

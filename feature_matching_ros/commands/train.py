@@ -12,8 +12,10 @@ from dataclasses import fields
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, defaults) -> None:
-    parser.add_argument("--train", nargs="+", default=[], metavar="DIR", help="make-pairs folders for training")
-    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR", help="make-pairs folders for validation")
+    parser.add_argument("--train", nargs="+", default=[], metavar="DIR",
+                        help="make-pairs folders and/or real pair sets (scripts/build_real_pairs.py) for training")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR",
+                        help="make-pairs folders and/or real pair sets for validation")
     parser.add_argument("--megadepth-root", help="MegaDepth root (images and depth h5 paths are relative to it)")
     parser.add_argument("--megadepth-scenes", nargs="+", default=[], metavar="NPZ", help="scene_info npz files")
     parser.add_argument("--out", default=defaults.out, help="run folder: checkpoint.pt, history.json, validation.json")
@@ -30,10 +32,23 @@ def _add_run_arguments(parser: argparse.ArgumentParser, defaults, export_help: s
     parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes,
                         help="stop with a checkpoint after this")
     parser.add_argument("--deadline", type=float, default=0.0,
-                        help="unix time by which training stops (time-boxed runs; 0 = none)")
+                        help="unix time by which training stops; the learning-rate schedule ends there too "
+                             "(one time-boxed run; 0 = none)")
+    parser.add_argument("--stop-at", type=float, default=0.0,
+                        help="unix time at which this session stops with a checkpoint, the schedule following "
+                             "--steps (a run spread over sessions: --resume continues it; 0 = none)")
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--export", help=export_help)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"640x480" -> (640, 480)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    return width, height
 
 
 def _config_from_args(config_cls, args: argparse.Namespace, **values):
@@ -50,7 +65,8 @@ def _register_lightglue(models) -> None:
         "lightglue", help="fine-tune ALIKED-LightGlue to be detector-agnostic (arXiv 2602.08430 recipe)",
         description="Starts from the official ALIKED-LightGlue; the descriptor network stays frozen; keypoints of "
                     "several detectors, all described by ALIKED, labelled as glue-factory does. "
-                    "Data: folders from `fmr make-pairs` (and/or MegaDepth scene_info + depth h5).")
+                    "Data: folders from `fmr make-pairs`, real pair sets (scripts/build_real_pairs.py), "
+                    "and/or MegaDepth scene_info + depth h5.")
     _add_data_arguments(parser, d)
     parser.add_argument("--cache", help="feature cache folder (default OUT/cache)")
     parser.add_argument("--detectors", nargs="+", default=list(d.detectors))
@@ -118,13 +134,17 @@ def _register_eloftr(models) -> None:
         "eloftr", help="train Efficient LoFTR from scratch (paper losses) on synthetic pairs",
         description="Coarse focal loss on ground-truth cell pairs, fine stage-1 focal loss and stage-2 sub-pixel L2 "
                     "(weight 0.25); ground truth from the exact homography / depth + pose of each pair. "
-                    "Data: folders from `fmr make-pairs` (one image size, multiples of 32), and/or MegaDepth.")
+                    "Data: folders from `fmr make-pairs`, real pair sets (scripts/build_real_pairs.py), and/or "
+                    "MegaDepth; every pair is fitted to --image-size.")
     _add_data_arguments(parser, d)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--fine-per-pair", type=int, default=d.fine_per_pair,
                         help="ground-truth coarse pairs refined per image pair")
     parser.add_argument("--max-pairs", type=int, default=0, help="use at most this many training pairs (0 = all)")
+    parser.add_argument("--image-size", type=_size, default=d.image_size, metavar="WxH",
+                        help="every pair is scaled to cover this size and centre-cropped (multiples of 32; "
+                             "default %(default)s)")
     _add_run_arguments(parser, d, "write fp16 safetensors shards of the final model to this folder")
     parser.set_defaults(func=_run_eloftr)
 

@@ -36,7 +36,7 @@ def training_autocast_dtype(device: torch.device, precision: str) -> torch.dtype
 
 class Trainer:
     """State and checkpoints common to the training loops. ``config`` needs ``device``, ``precision``, ``seed``,
-    ``out``, ``steps`` and ``max_minutes`` fields (a dataclass)."""
+    ``out``, ``steps``, ``max_minutes``, ``deadline`` and ``stop_at`` fields (a dataclass)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -86,12 +86,21 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
 
+    def stop_reason(self) -> str:
+        """Why :meth:`end_of_step` ended the session (for the log)."""
+        if self.config.stop_at and time.time() >= self.config.stop_at:
+            return f"--stop-at reached at step {self.step} (resume continues the schedule)"
+        return f"time budget of {self.config.max_minutes:.1f} min reached at step {self.step}"
+
     def end_of_step(self, start: float) -> bool:
-        """Checkpoint every ``checkpoint_every`` steps; True once the time budget is spent."""
+        """Checkpoint every ``checkpoint_every`` steps; True once the time budget is spent or ``stop_at`` passed
+        (the caller then checkpoints and returns; ``--resume`` continues the same schedule)."""
         config = self.config
         if config.checkpoint_every and self.step % config.checkpoint_every == 0:
             self.save_checkpoint()
         self.elapsed_s = time.perf_counter() - start
+        if config.stop_at and time.time() >= config.stop_at:
+            return True
         return bool(config.max_minutes) and self.elapsed_s > 60 * config.max_minutes
 
     def export_shards(self, folder: Path | str, stem: str) -> dict[str, str]:

@@ -2,6 +2,9 @@
 
 Sources (each yields pair dicts in the format of :mod:`feature_matching_ros.scenes.pairs`):
 - :class:`PairFolder`: folders written by ``fmr make-pairs`` (homography + rendered pairs);
+- :class:`~feature_matching_ros.training.real_pairs.RealPairs`: real photos with structure-from-motion ground
+  truth (folders holding ``real_pairs.json``, written by ``scripts/build_real_pairs.py``); a training run mixes
+  them with make-pairs folders by listing both;
 - :class:`MegaDepthPairs`: the MegaDepth layout used by LoFTR / glue-factory for users who have it:
   ``scene_info/<scene>.npz`` with ``image_paths`` (N,), ``depth_paths`` (N,), ``intrinsics`` (N, 3, 3),
   ``poses`` (N, 4, 4) world-to-camera (T_cam_world), and either ``pair_infos`` (LoFTR: entries
@@ -137,8 +140,13 @@ class MegaDepthPairs:
 
 def pair_sources(paths: Sequence[str], megadepth_root: str | None = None,
                  scenes: Sequence[str] | None = None) -> list:
-    """The pair sources of a training run: make-pairs folders, plus MegaDepth when its root and scenes are given."""
-    sources: list = [PairFolder(paths)] if paths else []
+    """The pair sources of a training run: make-pairs folders and real pair sets (told apart by their
+    ``real_pairs.json``), plus MegaDepth when its root and scenes are given."""
+    from feature_matching_ros.training.real_pairs import RealPairs, is_real_pair_folder
+
+    synthetic = [p for p in paths if not is_real_pair_folder(p)]
+    sources: list = [PairFolder(synthetic)] if synthetic else []
+    sources += [RealPairs(p) for p in paths if is_real_pair_folder(p)]
     if megadepth_root and scenes:
         sources.append(MegaDepthPairs(megadepth_root, scenes))
     return sources
@@ -239,6 +247,7 @@ class FeatureCache:
         chunks = [list(range(i, min(i + MultiDetectorExtractor.chunk, len(source))))
                   for i in range(0, len(source), MultiDetectorExtractor.chunk)]
         loader = ThreadPoolExecutor(4)
+        by_image: dict[str, dict] = {}  # features of named images (see below)
         for chunk in (progress(chunks, "extract") if progress else chunks):
             paths = {i: None if cache_dir is None else cache_dir / (keys[i].replace("/", "__") + ".npz") for i in chunk}
             todo = []
@@ -252,7 +261,16 @@ class FeatureCache:
                 continue
             if extractor is None:
                 extractor = MultiDetectorExtractor(settings, device, precision, threads=8)
-            features = extractor.extract_many([p[k] for _, p in pairs for k in ("image0", "image1")])
+            # Real pair sets name their images ("image_keys"): an image shared by many pairs is extracted once.
+            keys_of = [pair.get("image_keys", (None, None)) for _, pair in pairs]
+            wanted = {(n, side): pair["image" + str(side)] for n, (_, pair) in enumerate(pairs) for side in (0, 1)
+                      if keys_of[n][side] is None or keys_of[n][side] not in by_image}
+            found = dict(zip(wanted, extractor.extract_many(list(wanted.values()))))
+            for (n, side), extracted in found.items():
+                if keys_of[n][side] is not None:
+                    by_image[keys_of[n][side]] = extracted
+            features = [found[(n, side)] if (n, side) in found else by_image[keys_of[n][side]]
+                        for n in range(len(pairs)) for side in (0, 1)]
             for n, (i, pair) in enumerate(pairs):
                 samples = self._label(extractor.settings.detectors, pair, features[2 * n], features[2 * n + 1])
                 if paths[i] is not None:

@@ -71,8 +71,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_minutes: float = 0.0
     deadline: float = 0.0  # unix time by which training stops (time-boxed runs); 0 = none
+    stop_at: float = 0.0  # unix time at which this session stops with a checkpoint; the schedule is unchanged
     log_every: int = 25
     max_pairs: int = 0  # use at most this many training pairs (0 = all; smoke tests)
+    # Every pair is fitted to this size (scaled to cover, centre-cropped; multiples of 32): batches stack whole
+    # images, and real photos come in many sizes and orientations.
+    image_size: tuple[int, int] = (640, 480)
     export: str | None = None  # fp16 safetensors shards of the final model here
 
 
@@ -180,9 +184,17 @@ def focal_loss_positive(probability: torch.Tensor, alpha: float, gamma: float) -
 
 # ----------------------------------------------------------------------------------------------- data
 class PairTensors:
-    """All pairs as gray uint8 tensors on the training device, with their geometry (no per-step loading)."""
+    """All pairs as gray uint8 tensors on the training device, with their geometry (no per-step loading).
+    Pairs of another size than ``size`` (W, H) are fitted to it (``real_pairs.fit_pair_to_size``)."""
 
-    def __init__(self, sources: list, device: torch.device, max_pairs: int = 0) -> None:
+    def __init__(self, sources: list, device: torch.device, max_pairs: int = 0,
+                 size: tuple[int, int] = (640, 480)) -> None:
+        from feature_matching_ros.training.real_pairs import fit_pair_to_size
+
+        width, height = size
+        if width % 32 or height % 32 or width < 64 or height < 64:
+            raise ValueError(f"image size {width}x{height}: both sides must be multiples of 32 (at least 64)")
+        fitted = 0
         self.images0: list[torch.Tensor] = []
         self.images1: list[torch.Tensor] = []
         self.geometry: list[PairGeometry] = []
@@ -194,18 +206,16 @@ class PairTensors:
                 pair = source.load(index)
                 if pair is None:
                     continue
+                if any(pair[k].shape[:2] != (height, width) for k in ("image0", "image1")):
+                    pair = fit_pair_to_size(pair, width, height)
+                    fitted += 1
                 image0, image1 = _gray(pair["image0"]), _gray(pair["image1"])
-                height, width = image0.shape
-                if image1.shape != image0.shape or height % 32 or width % 32:
-                    LOG.warning("skipping a pair of size %s / %s (both must be equal, multiples of 32)",
-                                image0.shape, image1.shape)
-                    continue
                 self.images0.append(torch.from_numpy(np.ascontiguousarray(image0)).to(device))
                 self.images1.append(torch.from_numpy(np.ascontiguousarray(image1)).to(device))
                 self.geometry.append(_geometry(pair, device))
                 self.kinds.append(pair.get("kind", "megadepth"))
-        if len({tuple(i.shape) for i in self.images0}) > 1:
-            raise ValueError("training pairs must all have one image size (make-pairs --width/--height)")
+        if fitted:
+            LOG.info("%d of %d pairs fitted to %dx%d", fitted, len(self.kinds), width, height)
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -235,9 +245,11 @@ class EfficientLoftrTrainer(Trainer):
 
     def load_data(self) -> None:
         start = time.perf_counter()
+        size = tuple(self.config.image_size)
         self.train_data = PairTensors(pair_sources(self.config.train, self.config.megadepth_root,
-                                               self.config.megadepth_scenes), self.device, self.config.max_pairs)
-        self.eval_data = PairTensors(pair_sources(self.config.eval), self.device) if self.config.eval else None
+                                                   self.config.megadepth_scenes), self.device, self.config.max_pairs, size)
+        self.eval_data = (PairTensors(pair_sources(self.config.eval), self.device, 0, size)
+                          if self.config.eval else None)
         if not len(self.train_data):
             raise ValueError("no training pairs: give --train folders (fmr make-pairs) or --megadepth-*")
         print(f"data: {len(self.train_data)} train pairs, {len(self.eval_data) if self.eval_data else 0} eval pairs, "
@@ -348,15 +360,18 @@ class EfficientLoftrTrainer(Trainer):
     def fit(self) -> None:
         config = self.config
         start = self.start_budget()
-        rng = np.random.default_rng([config.seed, self.step])
-        generator = torch.Generator().manual_seed(config.seed * 7919 + self.step)
+        generator = torch.Generator()
         window: list[dict] = []
         steps_per_epoch = max(1, len(self.train_data) // config.batch_size)
         while self.step < config.steps:
-            order = rng.permutation(len(self.train_data))
-            for first in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            # Batch order and fine-stage sampling are functions of (seed, epoch, step): a resumed run sees the same
+            # batches as one that never stopped.
+            epoch, done = divmod(self.step, steps_per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_data))
+            for first in range(done * config.batch_size, steps_per_epoch * config.batch_size, config.batch_size):
                 if self.step >= config.steps:
                     break
+                generator.manual_seed(config.seed * 7919 + self.step)
                 self.elapsed_s = time.perf_counter() - start
                 image0, image1, geometry = self.train_data.batch(order[first:first + config.batch_size])
                 window.append(self.train_step(image0, image1, geometry, generator))
@@ -370,7 +385,7 @@ class EfficientLoftrTrainer(Trainer):
                           f"{mean['positives']:.0f} lr {mean['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
                 if self.end_of_step(start):
-                    print(f"time budget reached at step {self.step}", flush=True)
+                    print(self.stop_reason(), flush=True)
                     self.validate()
                     self.save_checkpoint()
                     return

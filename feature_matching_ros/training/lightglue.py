@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
     deadline: float = 0.0  # unix time by which training must stop (sets max_minutes at the start of fit); 0 = none
+    stop_at: float = 0.0  # unix time at which this session stops with a checkpoint; the schedule is unchanged
     log_every: int = 25
     export: str | None = None  # write fp16 safetensors shards of the final model here
 
@@ -200,12 +201,13 @@ class LightGlueTrainer(Trainer):
             self.validate()
         start = self.start_budget()
         steps_per_epoch = math.ceil(len(self.train_data) / config.batch_size)
-        rng = np.random.default_rng([config.seed, self.step])
         window: list[dict] = []
         while self.step < config.steps:
-            order = rng.permutation(len(self.train_data))
-            epoch = self.step // steps_per_epoch
-            for first in range(0, len(order), config.batch_size):
+            # The batch order is a function of (seed, epoch) and the step: a resumed run sees the same batches as
+            # one that never stopped.
+            epoch, done = divmod(self.step, steps_per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_data))
+            for first in range(done * config.batch_size, len(order), config.batch_size):
                 if self.step >= config.steps:
                     break
                 self.elapsed_s = time.perf_counter() - start
@@ -222,8 +224,7 @@ class LightGlueTrainer(Trainer):
                           f"lr {logs['lr']:.2e} {entry['elapsed_s']:.0f} s", flush=True)
                     window = []
                 if self.end_of_step(start):
-                    LOG.warning("time budget of %.1f min reached at step %d", config.max_minutes, self.step)
-                    print(f"time budget reached at step {self.step}", flush=True)
+                    print(self.stop_reason(), flush=True)
                     self.validate()
                     self.save_checkpoint()
                     return

@@ -88,6 +88,7 @@ class TrainConfig:
     eval_every: int = 500
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
     deadline: float = 0.0  # unix time by which training must stop (sets max_minutes at the start of fit); 0 = none
+    stop_at: float = 0.0  # unix time at which this session stops with a checkpoint; the schedule is unchanged
     log_every: int = 25
     export: str | None = None  # write fp16 safetensors (+ history, validation) here
 
@@ -438,7 +439,7 @@ class SandescTrainer(Trainer):
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self.validate()
             if self.end_of_step(start):
-                print(f"time budget of {config.max_minutes:.1f} min reached at step {self.step}", flush=True)
+                print(self.stop_reason(), flush=True)
                 break
         self.validate()
         self.save_checkpoint()
