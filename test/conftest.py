@@ -32,3 +32,15 @@ def graf() -> HomographyPair:
 @pytest.fixture(scope="session")
 def motorcycle() -> PosePair:
     return load_motorcycle()
+
+
+@pytest.fixture(scope="session")
+def orb_nn_pipeline():
+    """ORB keypoints, native descriptors, mutual nearest neighbours, on the CPU: the engine tests' cheap pipeline."""
+    from feature_matching_ros.config import PipelineConfig
+    from feature_matching_ros.pipeline import MatchingPipeline
+
+    config = PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024,
+                                                    "resize_max": 0},
+                                       "matcher": {"name": "nn", "ratio_test": 0.8}, "device": "cpu"})
+    return MatchingPipeline(config)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from feature_matching_ros.config import PipelineConfig
-from feature_matching_ros.devdata import load_motorcycle
 from feature_matching_ros.eval.metrics import rotation_angle_deg
 from feature_matching_ros.geometry.pose import RelativePose, invert_relative_pose, pose_from_points3d
 from feature_matching_ros.pipeline import MatchingPipeline
@@ -19,16 +18,8 @@ SECOND = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
-def motorcycle():
-    return load_motorcycle()
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    config = PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024,
-                                                    "resize_max": 0},
-                                       "matcher": {"name": "nn", "ratio_test": 0.8}, "device": "cpu"})
-    return MatchingPipeline(config)
+def pipeline(orb_nn_pipeline):
+    return orb_nn_pipeline
 
 
 def _engine(pipeline, **overrides) -> LoopClosureEngine:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from feature_matching_ros.config import PipelineConfig
-from feature_matching_ros.devdata import load_motorcycle
 from feature_matching_ros.engine import EngineConfig, LoopClosureEngine
 from feature_matching_ros.eval.metrics import rotation_angle_deg
 from feature_matching_ros.pipeline import MatchingPipeline
@@ -24,16 +23,8 @@ MAP_SCALE = 1.7
 
 
 @pytest.fixture(scope="module")
-def motorcycle():
-    return load_motorcycle()
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    config = PipelineConfig.from_dict({"features": {"detector": "orb", "descriptor": "native", "max_keypoints": 1024,
-                                                    "resize_max": 0},
-                                       "matcher": {"name": "nn", "ratio_test": 0.8}, "device": "cpu"})
-    return MatchingPipeline(config)
+def pipeline(orb_nn_pipeline):
+    return orb_nn_pipeline
 
 
 def _engine(pipeline) -> LoopClosureEngine:
