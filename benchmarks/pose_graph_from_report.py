@@ -16,26 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.spatial.transform import Rotation
-
+from feature_matching_ros.bag.image_folder import read_tum_trajectory
 from feature_matching_ros.engine.records import LoopClosure
 from feature_matching_ros.eval.loop_eval import trajectory_metrics
 
 
-def read_tum(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) stamps in ns and (N, 4, 4) poses from a TUM trajectory file (t x y z qx qy qz qw)."""
-    rows = np.loadtxt(path, ndmin=2)
-    poses = np.tile(np.eye(4), (len(rows), 1, 1))
-    poses[:, :3, 3] = rows[:, 1:4]
-    poses[:, :3, :3] = Rotation.from_quat(rows[:, 4:8]).as_matrix()
-    return np.round(rows[:, 0] * 1e9).astype(np.int64), poses
-
-
 def complete_report(report: Path, preset: str, monocular: bool) -> dict:
     """Run the pose graph for one report; returns (and stores in metrics.json) the preset's trajectory entry."""
-    stamps, gt = read_tum(report / "trajectory_gt.tum")
-    odometry_stamps, odometry = read_tum(report / f"trajectory_{preset}_odometry.tum")
+    stamps, gt = read_tum_trajectory(report / "trajectory_gt.tum")
+    odometry_stamps, odometry = read_tum_trajectory(report / f"trajectory_{preset}_odometry.tum")
     if len(odometry_stamps) != len(stamps):
         raise ValueError(f"{report}: odometry and GT trajectories differ in length")
     results = [json.loads(line) for line in (report / f"keyframes_{preset}.jsonl").read_text().splitlines()]
