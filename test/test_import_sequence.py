@@ -69,6 +69,43 @@ def test_frames_intrinsics_and_poses_round_trip(tmp_path, image_folder):
     assert meta["gt_loop_queries"] == 1 and meta["topics_present"]["ground_truth_pose"]
 
 
+@pytest.mark.parametrize("image_format", ["jpeg", "png"])
+def test_compressed_images_round_trip(tmp_path, image_folder, image_format):
+    """--image-format writes sensor_msgs/CompressedImage on image_transport's topic; every reader decodes it."""
+    from rosbags.rosbag2 import Reader
+
+    out = tmp_path / "seq"
+    assert main(["import-sequence", str(image_folder), "--K", K_TEXT, "--out", str(out),
+                 "--image-format", image_format]) == 0
+    with Reader(out / "bag") as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+    assert types["/camera/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert "/camera/image_raw" not in types
+    frames = list(read_sequence(out / "bag"))
+    assert len(frames) == 4
+    for frame, photo in zip(frames, real_photos()):
+        assert frame.image.shape == photo.shape and frame.image.dtype == np.uint8
+        error = np.abs(frame.image.astype(int) - photo).mean()
+        if image_format == "png":
+            assert error == 0  # lossless, and RGB order kept
+        else:
+            assert error < 3.0  # JPEG at quality 95; a channel swap would be ~30 on these photos
+        np.testing.assert_allclose(frame.K, [[300.5, 0, 159.5], [0, 301.25, 119.75], [0, 0, 1]])
+    assert json.loads((out / "sequence.json").read_text())["image_format"] == image_format
+
+
+def test_undecodable_compressed_images_are_refused():
+    from feature_matching_ros.bag import convert
+
+    message = convert.image_to_compressed_msg(real_photos()[0], 1, "camera")
+    message.data = message.data[:100]  # a truncated JPEG
+    with pytest.raises(ValueError, match="could not be decoded"):
+        convert.compressed_msg_to_image(message)
+    message.format = "16UC1; compressedDepth png"
+    with pytest.raises(ValueError, match="compressed depth"):
+        convert.compressed_msg_to_image(message)
+
+
 def test_downscaling_scales_intrinsics_with_pixel_centres(tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -2,6 +2,8 @@
 
 Images are converted by hand (``np.frombuffer``): zero-copy on read, and no cv_bridge (the PyPI port
 breaks on numpy 2). Supported encodings: rgb8, bgr8, mono8, 32FC1 (depth in metres), 16UC1 (depth in mm).
+sensor_msgs/CompressedImage (what robots usually record, image_transport's ``.../compressed`` topics) holds a
+JPEG or PNG colour or gray image; it is decoded with OpenCV to rgb8 / mono8 (``compressed_msg_to_image``).
 Poses are 4x4 homogeneous matrices; quaternions are (x, y, z, w) as in ROS, via scipy.
 """
 
@@ -67,6 +69,55 @@ def msg_to_image(msg) -> np.ndarray:
     image = np.ascontiguousarray(rows).view(dtype).reshape(msg.height, msg.width, channels)
     image = image.astype(dtype.newbyteorder("="), copy=False)
     return image[..., 0] if channels == 1 else image
+
+
+COMPRESSED_FORMATS = ("jpeg", "png")
+
+
+def image_to_compressed_msg(image: np.ndarray, stamp_ns: int, frame_id: str, image_format: str = "jpeg",
+                            jpeg_quality: int = 95):
+    """numpy (H, W, 3) RGB or (H, W) gray uint8 -> sensor_msgs/CompressedImage (image_transport's format string,
+    e.g. ``"rgb8; jpeg compressed bgr8"``)."""
+    import cv2
+
+    if image_format not in COMPRESSED_FORMATS:
+        raise ValueError(f"unsupported compressed format {image_format!r}; supported: {', '.join(COMPRESSED_FORMATS)}")
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"compressed images are (H, W) or (H, W, 3) uint8, got {image.dtype} {image.shape}")
+    colour = image.ndim == 3
+    parameters = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if image_format == "jpeg" else []
+    ok, data = cv2.imencode("." + ("jpg" if image_format == "jpeg" else "png"),
+                            cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if colour else image, parameters)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} image as {image_format}")
+    described = f"rgb8; {image_format} compressed bgr8" if colour else f"mono8; {image_format} compressed mono8"
+    return _types()["sensor_msgs/msg/CompressedImage"](header=header(stamp_ns, frame_id), format=described,
+                                                        data=data.reshape(-1))
+
+
+def compressed_msg_to_image(msg) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG or PNG, colour or gray) -> (H, W, 3) RGB or (H, W) uint8.
+
+    Raises ValueError for what is not a decodable 8-bit image: compressedDepth payloads (depth travels
+    uncompressed here), 16-bit PNGs, or corrupt data."""
+    import cv2
+
+    described = str(msg.format).lower()
+    if "compresseddepth" in described:
+        raise ValueError(f"compressed depth ({msg.format!r}) is not supported; record depth as sensor_msgs/Image")
+    data = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if len(data) else None
+    if image is None:
+        raise ValueError(f"compressed image ({msg.format!r}, {len(data)} bytes) could not be decoded")
+    if image.dtype != np.uint8:
+        raise ValueError(f"compressed image ({msg.format!r}) is {image.dtype}; 8-bit images only")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    if image.ndim == 3:
+        # OpenCV decodes into BGR order; a payload encoded from RGB bytes ("... compressed rgb8") is RGB already.
+        return image if "compressed rgb8" in described else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def camera_info_to_msg(K: np.ndarray, width: int, height: int, stamp_ns: int, frame_id: str):

@@ -217,8 +217,10 @@ def check_loops(loops: Iterable[Iterable[int]], frame_count: int) -> list[list[i
 def write_real_sequence(out_dir: Path | str, frames: Iterable[SequenceFrame], metadata: dict,
                         loops: list[list[int]] | None = None, storage: str = "mcap",
                         odom_pose_covariances: np.ndarray | None = None,
-                        odom_twist_covariances: np.ndarray | None = None) -> dict:
+                        odom_twist_covariances: np.ndarray | None = None, image_format: str = "raw") -> dict:
     """Write DIR/bag (+ loops.json, sequence.json) from frames in order; ``out_dir`` must be prepared.
+    ``image_format``: "raw" (sensor_msgs/Image), "jpeg" or "png" (sensor_msgs/CompressedImage, see
+    SequenceBagWriter).
 
     Frames must have strictly increasing stamps and consecutive indices from 0. Every frame must carry K;
     ground-truth poses and odometry are all-or-nothing (a bag with poses on some frames only would make
@@ -230,7 +232,7 @@ def write_real_sequence(out_dir: Path | str, frames: Iterable[SequenceFrame], me
     out_dir = Path(out_dir)
     sizes: dict[str, int] = {}
     count, last_stamp, has_pose, has_odom, has_depth = 0, None, set(), set(), set()
-    with SequenceBagWriter(out_dir / "bag", storage) as writer:
+    with SequenceBagWriter(out_dir / "bag", storage, image_format=image_format) as writer:
         for frame in frames:
             if frame.index != count:
                 raise ValueError(f"frame indices must run 0, 1, 2, ...: got {frame.index} at position {count}")
@@ -255,7 +257,7 @@ def write_real_sequence(out_dir: Path | str, frames: Iterable[SequenceFrame], me
     loops = check_loops(loops or [], count)
     (out_dir / "loops.json").write_text(json.dumps(loops) + "\n")
     metadata = dict(metadata) | {
-        "frames": count, "image_sizes_wxh": sizes, "storage": storage, "bag": "bag",
+        "frames": count, "image_sizes_wxh": sizes, "storage": storage, "image_format": image_format, "bag": "bag",
         "topics_present": {"ground_truth_pose": has_pose == {True}, "odometry": has_odom == {True},
                            "depth": True in has_depth},
         "gt_loop_pairs": len(loops), "gt_loop_queries": len({q for q, _ in loops}),

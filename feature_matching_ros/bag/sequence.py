@@ -1,7 +1,8 @@
 """Camera sequences in rosbag2 (sqlite3 or mcap) through rosbags: one writer, one frame iterator.
 
 Topics (defaults, see ``SequenceTopics``), all stamped with the frame's stamp:
-  /camera/image_raw         sensor_msgs/Image rgb8 (mono8/bgr8 also read)
+  /camera/image_raw         sensor_msgs/Image rgb8 (mono8/bgr8 also read); or, on read, sensor_msgs/CompressedImage
+                            (JPEG/PNG) on that topic or on image_transport's /camera/image_raw/compressed
   /camera/depth/image_raw   sensor_msgs/Image 32FC1, metres along the optical axis (z-depth);
                             NaN where there is no surface (sky / out of range). Valid: ``np.isfinite(d) & (d > 0)``.
                             16UC1 (millimetres, 0 = invalid) is accepted on read and converted to that form.
@@ -19,7 +20,7 @@ topics other than the image are optional on read (missing -> None).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,16 @@ class SequenceFrame:
 class SequenceBagWriter:
     """Context manager writing SequenceFrames to a rosbag2 directory (must not exist yet)."""
 
-    def __init__(self, path: Path | str, storage: str = "mcap", topics: SequenceTopics = DEFAULT_TOPICS):
+    def __init__(self, path: Path | str, storage: str = "mcap", topics: SequenceTopics = DEFAULT_TOPICS,
+                 image_format: str = "raw", jpeg_quality: int = 95):
+        """``image_format``: "raw" writes sensor_msgs/Image on ``topics.image``; "jpeg" / "png" write
+        sensor_msgs/CompressedImage on ``topics.image + "/compressed"`` (image_transport's name), as robots
+        record them."""
         from rosbags.rosbag2 import StoragePlugin, Writer
+
+        if image_format not in ("raw",) + convert.COMPRESSED_FORMATS:
+            raise ValueError(f"unknown image format {image_format!r}; choose raw, jpeg or png")
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
 
         if storage not in STORAGE_FORMATS:
             raise ValueError(f"unknown storage {storage!r}; choose one of {', '.join(STORAGE_FORMATS)}")
@@ -83,7 +92,9 @@ class SequenceBagWriter:
     def __enter__(self) -> "SequenceBagWriter":
         self._writer.open()
         store = convert.typestore()
-        for topic, msgtype in ((self.topics.image, "sensor_msgs/msg/Image"),
+        image_topic, image_type = ((self.topics.image, "sensor_msgs/msg/Image") if self.image_format == "raw" else
+                                   (self.topics.image + "/compressed", "sensor_msgs/msg/CompressedImage"))
+        for topic, msgtype in ((image_topic, image_type),
                                (self.topics.depth, "sensor_msgs/msg/Image"),
                                (self.topics.camera_info, "sensor_msgs/msg/CameraInfo"),
                                (self.topics.ground_truth, "geometry_msgs/msg/PoseStamped"),
@@ -105,7 +116,12 @@ class SequenceBagWriter:
                     odom_twist_covariance: np.ndarray | None = None) -> None:
         t, s = self.topics, frame.stamp_ns
         image = frame.image
-        self._write(t.image, convert.image_to_msg(image, s, t.camera_frame, "rgb8" if image.ndim == 3 else "mono8"), s)
+        if self.image_format == "raw":
+            self._write(t.image, convert.image_to_msg(image, s, t.camera_frame, "rgb8" if image.ndim == 3 else "mono8"),
+                        s)
+        else:
+            self._write(t.image + "/compressed", convert.image_to_compressed_msg(
+                image, s, t.camera_frame, self.image_format, self.jpeg_quality), s)
         if frame.depth is not None:
             self._write(t.depth, convert.image_to_msg(frame.depth.astype(np.float32), s, t.camera_frame, "32FC1"), s)
         if frame.K is not None:
@@ -134,16 +150,21 @@ def read_raw_messages(path: Path | str) -> list[tuple[str, int, bytes]]:
 
 
 def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> Iterator[SequenceFrame]:
-    """Iterate the frames of a bag in stamp order (a frame per message on ``topics.image``)."""
+    """Iterate the frames of a bag in stamp order (a frame per message on ``topics.image``).
+
+    The image topic may hold sensor_msgs/Image or sensor_msgs/CompressedImage; when the bag has no
+    ``topics.image`` but has ``topics.image + "/compressed"`` (image_transport), that one is read."""
     from rosbags.rosbag2 import Reader
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no bag at {path}")
     store = convert.typestore()
-    wanted = {topics.image, topics.depth, topics.camera_info, topics.ground_truth, topics.odometry,
-              topics.map_points}
     with Reader(path) as reader:
+        if topics.image not in reader.topics and topics.image + "/compressed" in reader.topics:
+            topics = replace(topics, image=topics.image + "/compressed")
+        wanted = {topics.image, topics.depth, topics.camera_info, topics.ground_truth, topics.odometry,
+                  topics.map_points}
         connections = [c for c in reader.connections if c.topic in wanted]
         if not any(c.topic == topics.image for c in connections):
             raise ValueError(f"{path} has no {topics.image} topic; topics: {sorted(reader.topics)}")
@@ -151,7 +172,10 @@ def read_sequence(path: Path | str, topics: SequenceTopics = DEFAULT_TOPICS) -> 
         index = 0
 
         def assemble(stamp: int, parts: dict[str, object]) -> SequenceFrame:
-            frame = SequenceFrame(index=index, stamp_ns=stamp, image=convert.msg_to_image(parts[topics.image]))
+            image_msg = parts[topics.image]
+            image = (convert.compressed_msg_to_image(image_msg) if image_msg.__msgtype__.endswith("CompressedImage")
+                     else convert.msg_to_image(image_msg))
+            frame = SequenceFrame(index=index, stamp_ns=stamp, image=image)
             if topics.depth in parts:
                 frame.depth = _depth_metres(parts[topics.depth])
             if topics.camera_info in parts:

@@ -1,11 +1,13 @@
 """``fmr import-sequence``: a folder of real camera images (+ TUM poses) into the sequence bag format.
 
     fmr import-sequence IMAGES_DIR --K fx,fy,cx,cy --out OUT [--poses poses.tum] [--loops loops.json]
-        [--rate 10] [--max-long-side 1024] [--max-dt 0.02] [--format mcap] [--overwrite]
+        [--rate 10] [--max-long-side 1024] [--max-dt 0.02] [--format mcap] [--image-format raw] [--overwrite]
 
 Writes OUT/bag (rosbag2: /camera/image_raw, /camera/camera_info, /ground_truth/pose when --poses is given),
 OUT/loops.json (from --loops, validated; empty without) and OUT/sequence.json, the layout ``fmr evaluate
-OUT/bag`` reads (loops.json beside the bag is picked up without --gt-loops).
+OUT/bag`` reads (loops.json beside the bag is picked up without --gt-loops). ``--image-format jpeg`` (or png)
+stores the images as sensor_msgs/CompressedImage on /camera/image_raw/compressed, as robots record them: a
+tenth of the size for JPEG, read back the same way by every command.
 
 Image times: file names that are stamps (``1305031102.175304.png`` seconds, or 16+ digit integers in
 nanoseconds) give the frame times, and poses are associated to them by nearest stamp within --max-dt
@@ -38,13 +40,16 @@ def register(subparsers) -> None:
     parser.add_argument("--max-dt", type=float, default=0.02, help="pose association tolerance in seconds")
     parser.add_argument("--max-long-side", type=int, default=1024, help="downscale larger images (0 = never)")
     parser.add_argument("--format", dest="storage", choices=("mcap", "sqlite3"), default="mcap")
+    parser.add_argument("--image-format", choices=("raw", "jpeg", "png"), default="raw",
+                        help="raw sensor_msgs/Image, or CompressedImage (jpeg: lossy, png: lossless)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing sequence in OUT")
     parser.set_defaults(func=run)
 
 
 def import_sequence(images_dir: Path, K_text: str, out: Path, poses_path: Path | None = None,
                     loops_path: Path | None = None, rate_hz: float | None = None, max_dt: float = 0.02,
-                    max_long_side: int = 1024, storage: str = "mcap", overwrite: bool = False) -> dict:
+                    max_long_side: int = 1024, storage: str = "mcap", overwrite: bool = False,
+                    image_format: str = "raw") -> dict:
     """Import and return the written sequence metadata (module docstring for the rules)."""
     import numpy as np
 
@@ -114,7 +119,7 @@ def import_sequence(images_dir: Path, K_text: str, out: Path, poses_path: Path |
         "K_given": K, "poses": str(poses_path) if poses_path else "none",
         "images_without_pose_left_out": skipped, "loops": str(loops_path) if loops_path else "none",
     }
-    written = write_real_sequence(out, frames(), metadata, loops, storage)
+    written = write_real_sequence(out, frames(), metadata, loops, storage, image_format=image_format)
     LOG.info("wrote %s: %d frames (%d left out without pose), %d loop pairs", out / "bag", written["frames"],
              skipped, written["gt_loop_pairs"])
     return written
@@ -123,7 +128,7 @@ def import_sequence(images_dir: Path, K_text: str, out: Path, poses_path: Path |
 def run(args: argparse.Namespace) -> int:
     try:
         import_sequence(args.images, args.K, args.out, args.poses, args.loops, args.rate, args.max_dt,
-                        args.max_long_side, args.storage, args.overwrite)
+                        args.max_long_side, args.storage, args.overwrite, args.image_format)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise SystemExit(f"fmr import-sequence: {error}") from None
     print(args.out / "bag")
