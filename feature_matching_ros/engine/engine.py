@@ -31,9 +31,10 @@ acceptance stacks checks that scale with what the pair can show rather than per-
      backend's poses by at most the drift it could have accumulated along the shortest path (abs + ratio x
      path length; heading only for monocular loops), so a place one period over is refused even when its
      rotation is right;
-  4. ambiguity: two candidates at different places verifying nearly as well reject each other;
+  4. ambiguity: two candidates at different places verifying nearly as well reject each other ("same place":
+     database neighbours, or joined by loops accepted earlier, engine/keyframe_graph.py's PlaceLinks);
   5. consistency (ORB-SLAM style): the previous temporal_consistency - 1 keyframes must also verify a keyframe
-     near the match; keyframes whose own retrieval missed that place are verified against it on the spot, so
+     at the same place as the match; keyframes whose own retrieval missed that place are verified against it on the spot, so
      the loop is accepted when first seen and one look-alike pair can never close a loop.
 Relocalization runs checks 1, 2 and 4 (a lost camera has no odometry to compare with) and needs a metric pose.
 Monocular pairs that a homography explains (low parallax, planes) get the homography's pose instead of being
@@ -56,7 +57,7 @@ from feature_matching_ros.config import ConfigError, PoseConfig
 from feature_matching_ros.engine.acceptance import (depth_agreement, inlier_coverage, median_reprojection_residual,
                                                     scene_depth_agreement)
 from feature_matching_ros.engine.config import EngineConfig
-from feature_matching_ros.engine.keyframe_graph import KeyframeGraph
+from feature_matching_ros.engine.keyframe_graph import KeyframeGraph, PlaceLinks
 from feature_matching_ros.engine.records import KeyframeResult, LoopClosure, Relocalization
 from feature_matching_ros.engine.verification import VerificationPool, verify_pair
 from feature_matching_ros.features.base import Features
@@ -116,6 +117,9 @@ class LoopClosureEngine:
         # query keyframe is inserted.
         self.graph = KeyframeGraph()
         self._pending_loops: dict[int, list[tuple[int, np.ndarray]]] = {}
+        # Same-place links of accepted loops of every kind (ambiguity, consistency); pending as above.
+        self.places = PlaceLinks()
+        self._pending_places: dict[int, list[int]] = {}
         self._verification_pool = VerificationPool(self.config.verification_threads)
 
     # -------------------------------------------------------------------- keyframes
@@ -168,7 +172,10 @@ class LoopClosureEngine:
         position = self.graph.add_node(previous, keyframe.T_map_camera)
         for match_position, T_match_query in self._pending_loops.pop(keyframe.id, []):
             self.graph.add_loop(match_position, position, T_match_query)
+        for match_position in self._pending_places.pop(keyframe.id, []):
+            self.places.add(match_position, position)
         self._pending_loops.clear()
+        self._pending_places.clear()
         self.database.add(keyframe)
 
     def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
@@ -414,16 +421,18 @@ class LoopClosureEngine:
                            f"(max_loops_per_keyframe={self.config.max_loops_per_keyframe})"
         self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c.T_match_query)
                                             for c in accepted[:self.config.max_loops_per_keyframe] if c.metric]
+        self._pending_places[keyframe.id] = [self.database.position_of(c.match_id)
+                                             for c in accepted[:self.config.max_loops_per_keyframe]]
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok", timing)
 
     def _same_place(self, a: LoopClosure, b: LoopClosure) -> bool:
-        """Two verified candidates agree on where the query is: their keyframes are neighbours in the database, or
-        both loops are metric and each passed the odometry gate (so both agree with the same odometry)."""
-        if abs(self.database.position_of(a.match_id) - self.database.position_of(b.match_id)) <= \
-                self.config.consistency_window:
+        """Two verified candidates agree on where the query is: their keyframes are neighbours in the database or
+        joined by accepted loops (a place visited before the two of them: PlaceLinks), or both loops are metric
+        and each passed the odometry gate (so both agree with the same odometry)."""
+        if self.places.linked(self.database.position_of(a.match_id), self.database.position_of(b.match_id),
+                              self.config.consistency_window):
             return True
-        gated = self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b))
-        return gated
+        return self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b))
 
     def _reject_ambiguous(self, loops: list[LoopClosure]) -> None:
         """Reject every candidate when a runner-up at another place verifies nearly as well (ambiguity_ratio)."""
@@ -443,7 +452,8 @@ class LoopClosureEngine:
 
     def _apply_temporal_consistency(self, loops: list[LoopClosure]) -> None:
         """ORB-SLAM-style consistency: a candidate is accepted once each of the previous N-1 keyframes also verifies
-        a keyframe within ``consistency_window`` positions of it, so one look-alike pair cannot close a loop.
+        a keyframe at the same place (within ``consistency_window`` positions of it, or joined to it by accepted
+        loops: PlaceLinks), so one look-alike pair cannot close a loop.
 
         The previous keyframes' own verdicts are used first; a previous keyframe whose retrieval did not offer that
         place is verified against the candidate's neighbourhood now (as ORB-SLAM3 checks the query's covisible
@@ -464,7 +474,7 @@ class LoopClosureEngine:
                 position = self.database.position_of(loop.match_id)
                 confirmed = 0
                 for back, previous in enumerate(reversed(history), start=1):
-                    if any(abs(position - p) <= window for p in previous) or \
+                    if any(self.places.linked(position, p, window) for p in previous) or \
                             self._previous_keyframe_confirms(len(self.database) - back, position):
                         confirmed += 1
                 if confirmed < needed:
@@ -564,6 +574,7 @@ class LoopClosureEngine:
         # Rebuild the odometry graph in database order (loop edges are not persisted: the backend owns them).
         self.graph = KeyframeGraph()
         self._pending_loops = {}
+        self.places, self._pending_places = PlaceLinks(), {}
         previous = None
         for keyframe in database.keyframes:
             self.graph.add_node(previous, keyframe.T_map_camera)

@@ -6,6 +6,9 @@ is compared with the relative pose predicted by composing edges along the SHORTE
 between the two keyframes: the odometry accumulated drift along that path only, so the allowance is
 ``abs + ratio * path length``. Accepted loops shorten later paths, so after a first closure the gate tightens
 to the drift since then, as a backend's marginal covariance would.
+
+:class:`PlaceLinks` is the camera-only counterpart for "same place" questions (ambiguity, temporal consistency):
+it needs no poses, only which keyframes earlier accepted loops joined.
 """
 
 from __future__ import annotations
@@ -64,3 +67,41 @@ class KeyframeGraph:
                     transforms[neighbour] = T_neighbour_node @ transforms[node]
                     heapq.heappush(heap, (candidate_distance, neighbour))
         return {node: done[node] for node in targets if node in done}
+
+
+class PlaceLinks:
+    """Which database positions show the same place, from the loops the engine accepted (any kind: metric,
+    Sim3 or monocular). A place revisited a third time offers candidates from BOTH earlier visits; without
+    backend poses they are far apart in the database, yet the accepted loop between them says they are one
+    place, so they confirm rather than contradict each other. Look-alike places (a repeated door) are never
+    joined unless a loop between them was accepted, which precision already forbids.
+    """
+
+    def __init__(self, max_hops: int = 2) -> None:
+        self.max_hops = max_hops
+        self._links: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def add(self, position_a: int, position_b: int) -> None:
+        self._links.append((position_a, position_b))
+
+    def linked(self, position_a: int, position_b: int, window: int) -> bool:
+        """Are two positions the same place: within ``window`` of each other, or of the two ends of an accepted
+        loop, chaining at most ``max_hops`` loops?"""
+        frontier, seen = [position_a], {position_a}
+        for hop in range(self.max_hops + 1):
+            if any(abs(position - position_b) <= window for position in frontier):
+                return True
+            if hop == self.max_hops:
+                break
+            reached = []
+            for position in frontier:
+                for a, b in self._links:
+                    for near, far in ((a, b), (b, a)):
+                        if abs(position - near) <= window and far not in seen:
+                            seen.add(far)
+                            reached.append(far)
+            frontier = reached
+        return False
