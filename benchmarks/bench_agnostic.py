@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("--rendered-pairs", type=int, default=32, help="eval-split pairs (half rendered, half homography)")
     parser.add_argument("--pairs-dir", type=Path, help="existing eval-split make-pairs folder")
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS))
+    parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS,
+                        help="shipped LightGlue weights to compare (the candidate is added to these)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -123,7 +125,7 @@ def main() -> int:
         pipeline = MatchingPipeline(config)
         device = pipeline.device
         pipeline.extract = memoised(pipeline.extract)
-        for weights in WEIGHTS + (("candidate",) if candidate is not None else ()):
+        for weights in tuple(args.weights) + (("candidate",) if candidate is not None else ()):
             matcher_config = MatcherConfig(weights="official" if weights == "candidate" else weights)
             pipeline.config.matcher = matcher_config
             pipeline.matcher = build_matcher(matcher_config, pipeline.extractor.descriptor_type, pipeline.device,
