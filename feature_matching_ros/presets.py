@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "pipeline": {"features": {"detector": "orb", "descriptor": "aliked", "max_keypoints": 512,
                                   "resize_max": 640},
-                     "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": -1},
+                     "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": 0.99},
                      "device": "cpu"},
         "engine": _VLAD_ENGINE | {"retrieval": {"top_k": 3, "exclude_recent_seconds": 10.0,
                                                 "exclude_recent_count": 20}},

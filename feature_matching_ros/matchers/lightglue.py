@@ -10,7 +10,9 @@ attention takes no mask at all, which lets PyTorch pick the flash kernel. The la
 only the attention calls are ours.
 
 Point pruning (``width_confidence``) changes point counts per pair, so it is used for single pairs only
-(kornia's own forward); batching is what makes k candidates cheap on a GPU.
+(kornia's own forward); batching is what makes k candidates cheap on a GPU. On the CPU the forward is
+compute-bound, batching saves nothing, and pruning halves the attention work, so there every candidate is
+matched as a single pair (1 query vs 5 candidates on two cores: benchmarks/results/keyframe_latency_cpu.md).
 
 CUDA graphs (``cuda_graphs``, default on CUDA). LightGlue at small batch is bound by kernel launches and
 Python (~7 ms of host work per pair on an H200 for ~0.3 ms of math), and a captured graph replays all of
@@ -166,8 +168,9 @@ class LightGlueMatcher:
                                  f"{features.descriptor_type} descriptors")
         results = [PairMatches.empty() for _ in candidates]
         nonempty = [i for i, c in enumerate(candidates) if len(c) > 0 and len(query) > 0]
-        if len(nonempty) == 1 and self.graphs is None:
-            results[nonempty[0]] = self._match_single(query, candidates[nonempty[0]])
+        if self.device.type == "cpu" or (len(nonempty) == 1 and self.graphs is None):
+            for i in nonempty:
+                results[i] = self._match_single(query, candidates[i])
         elif nonempty:
             for i, matches in zip(nonempty, self._match_batch(query, [candidates[i] for i in nonempty])):
                 results[i] = matches
