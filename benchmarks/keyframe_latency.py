@@ -126,7 +126,10 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
     from feature_matching_ros.engine import build_engine
     from feature_matching_ros.engine.verification import VerificationPool
 
-    override = {"engine": {"retrieval": {"top_k": args.top_k, "exclude_recent_seconds": 0.0,
+    from feature_matching_ros.presets import get_preset
+
+    top_k = args.top_k or get_preset(preset)["engine"]["retrieval"]["top_k"]
+    override = {"engine": {"retrieval": {"top_k": top_k, "exclude_recent_seconds": 0.0,
                                          "exclude_recent_count": 0}}}
     if args.verification_threads is not None:
         override["engine"]["verification_threads"] = args.verification_threads
@@ -138,12 +141,12 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
     if not args.no_kornia and pipeline.config.matcher.name == "lightglue" and \
             pipeline.extractor.descriptor_type == "aliked":
         kornia = KorniaReference(pipeline.device, pipeline.precision, pipeline.config.matcher.weights)
-    for i, image in enumerate(frames[:args.top_k]):  # map with enough candidates
+    for i, image in enumerate(frames[:top_k]):  # map with enough candidates
         engine.process_keyframe(image, K, i * 1_000_000_000, keyframe_id=i)
     timings: dict[str, list[float]] = {}
     rejected_before_ransac = candidates_seen = 0
-    for n, image in enumerate(frames[args.top_k:]):
-        result = engine.process_keyframe(image, K, (n + args.top_k) * 1_000_000_000, insert=False)
+    for n, image in enumerate(frames[top_k:]):
+        result = engine.process_keyframe(image, K, (n + top_k) * 1_000_000_000, insert=False)
         extra: dict[str, float] = {}
         if kornia is not None:
             extra["kornia ALIKED extract"] = kornia.extract_ms(image)
@@ -154,8 +157,8 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
                     kornia.match_ms(query, stored)
         if n < args.warmup:
             continue
-        if len(result.candidates) != args.top_k:
-            raise RuntimeError(f"keyframe {n}: {len(result.candidates)} candidates, expected {args.top_k}: "
+        if len(result.candidates) != top_k:
+            raise RuntimeError(f"keyframe {n}: {len(result.candidates)} candidates, expected {top_k}: "
                                f"{result.reason}")
         candidates_seen += len(result.candidates)
         rejected_before_ransac += sum(c.reason.startswith("too few matches for the required support")
@@ -171,8 +174,7 @@ def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> di
             "matcher_weights": pipeline.config.matcher.weights if pipeline.config.matcher.name == "lightglue" else None,
             "cuda_graphs": bool(getattr(getattr(pipeline, "matcher", None), "graphs", None) is not None),
             "verification_threads": VerificationPool(engine.config.verification_threads).threads,
-            "candidates": candidates_seen,
-            "rejected_before_ransac": rejected_before_ransac, "stages": stats}
+            "top_k": top_k, "candidates": candidates_seen, "rejected_before_ransac": rejected_before_ransac, "stages": stats}
 
 
 def markdown(results: list[dict], args, frames: list[np.ndarray]) -> str:
@@ -183,15 +185,16 @@ def markdown(results: list[dict], args, frames: list[np.ndarray]) -> str:
              f"Command: `python benchmarks/keyframe_latency.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {machine}.", "",
              f"{frames[0].shape[1]}x{frames[0].shape[0]} {'bag images' if args.bag else 'scikit-image photos'}, "
-             f"{args.top_k} candidates verified per keyframe, {args.keyframes - args.warmup} timed keyframes after "
+             f"{f'{args.top_k} candidates' if args.top_k else 'each preset its own number of candidates'} verified "
+             f"per keyframe, {args.keyframes - args.warmup} timed keyframes after "
              f"{args.warmup} warm-up. kornia rows: the same images and candidates through kornia's own ALIKED and "
              "LightGlue (see the script's docstring); they are not part of the engine's total.", ""]
     for result in results:
         lines += [f"## {result['preset']}", "",
                   f"{result['device']}, {result['precision']}, LightGlue weights {result['matcher_weights']}, CUDA "
                   f"graphs {result['cuda_graphs']}, verification "
-                  f"threads {result['verification_threads']}; candidates rejected before RANSAC: "
-                  f"{result['rejected_before_ransac']} of {result['candidates']}.", "",
+                  f"threads {result['verification_threads']}; {result['top_k']} candidates per keyframe; candidates "
+                  f"rejected before RANSAC: {result['rejected_before_ransac']} of {result['candidates']}.", "",
                   "| stage | p50 ms | p90 ms | mean ms |", "|---|---:|---:|---:|"]
         order = [s for s in STAGES if s in result["stages"]] + [s for s in result["stages"] if s not in STAGES]
         for stage in order:
@@ -207,7 +210,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bag")
     parser.add_argument("--keyframes", type=int, default=30, help="timed keyframes + warm-up")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="candidates verified per keyframe (default 0: each preset's own retrieval top_k)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--verification-threads", type=int, help="engine.verification_threads (default: preset)")
     parser.add_argument("--no-kornia", action="store_true", help="skip the kornia reference rows")
@@ -216,7 +220,7 @@ def main() -> None:
                              "architecture and cost, no official weights file needed")
     parser.add_argument("--out", type=Path, help="write the tables as markdown here")
     args = parser.parse_args()
-    frames, K = _frames(args.bag, args.keyframes + args.top_k)
+    frames, K = _frames(args.bag, args.keyframes + (args.top_k or 5))
     results = []
     for preset in args.presets:
         result = run_preset(preset, args, frames, K)

@@ -8,6 +8,9 @@ two sections: ``pipeline`` (for :meth:`PipelineConfig.from_dict`) and ``engine``
   orb_lightglue     ORB single-scale + ALIKED descriptors at ORB points + LightGlue; VLAD(ALIKED) retrieval.
   aliked_lightglue  ALIKED keypoints and descriptors + LightGlue; VLAD(ALIKED) retrieval.
   cpu               orb_lightglue sized for a CPU: 512 keypoints, images <= 640 px, 3 candidates.
+  xfeat_lightglue   XFeat keypoints and descriptors (a network built for CPUs) + its LighterGlue; VLAD(XFeat)
+                    retrieval, 3 candidates, images <= 640 px: the fastest learned preset on a CPU (4x less per
+                    keyframe than cpu there; benchmarks/results/keyframe_latency_cpu.md, loop_closure_real.md).
   eloftr            detector-free: Efficient LoFTR verifies retrieved keyframes on their stored images (semi-dense
                     matches); retrieval as orb_lightglue. Keyframes keep their pixels (~0.9 MB per VGA keyframe).
   orb_bow_nn        baseline, the ORB-SLAM way: ORB + bag of binary words + Hamming mutual NN with ratio test.
@@ -37,6 +40,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                                   "resize_max": 640},
                      "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": 0.99},
                      "device": "cpu"},
+        "engine": _VLAD_ENGINE | {"retrieval": {"top_k": 3, "exclude_recent_seconds": 10.0,
+                                                "exclude_recent_count": 20}},
+    },
+    "xfeat_lightglue": {
+        "pipeline": {"features": {"detector": "xfeat", "descriptor": "native", "max_keypoints": 1024,
+                                  "resize_max": 640},
+                     "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": 0.99}},
         "engine": _VLAD_ENGINE | {"retrieval": {"top_k": 3, "exclude_recent_seconds": 10.0,
                                                 "exclude_recent_count": 20}},
     },

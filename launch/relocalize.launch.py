@@ -5,8 +5,9 @@
         keyframes:=/slam/keyframes device:=cuda
 
 Arguments:
-  preset       config/<preset>.yaml in share/feature_matching_ros (orb_lightglue, aliked_lightglue, cpu); each
-               names a preset of feature_matching_ros/presets.py and sets the node's own parameters
+  preset       config/<preset>.yaml in share/feature_matching_ros (orb_lightglue, aliked_lightglue, cpu,
+               xfeat_lightglue, eloftr); each names a preset of feature_matching_ros/presets.py and sets the
+               node's own parameters
   params_file  optional extra parameter file applied after the preset file (overrides it), e.g. with
                pipeline.* / engine.* overrides or map_path
   namespace    namespace of the node and its relative topics

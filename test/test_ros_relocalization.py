@@ -43,7 +43,7 @@ from rcl_interfaces.msg import ParameterType  # noqa: E402
 from rcl_interfaces.srv import GetParameters  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from feature_matching_ros.ros import conversions as conv  # noqa: E402
@@ -710,6 +710,41 @@ def test_reliable_image_qos_and_the_stalled_image_warning(aux, stereo):
     before = aux.node.counters().get("images_received", 0)
     aux.wait_for(lambda: (aux.camera_info.publish(info), aux.image.publish(image), time.sleep(0.1),
                           aux.node.counters().get("images_received", 0) > before)[-1], 10.0, "reliable images")
+
+
+def test_compressed_images_relocalize_and_undecodable_ones_are_counted(ros_context, stereo):
+    """image_transport=compressed: JPEG images on image/compressed (image_transport's naming, after remapping the
+    image topic) relocalize against the map like raw ones; a truncated JPEG is counted as undecodable, not fatal."""
+    parameters = {**AUX_PARAMETERS, "image_qos": "sensor_data", "image_transport": "compressed"}
+    h = Harness(ros_context, parameters, namespace="compressed")
+    try:
+        assert h.node.camera.image_topic == "/compressed/image/compressed"
+        h.keyframes.publish(keyframe_msg(1, stereo["left"], stereo["K_left"], stereo["depth_left"], np.eye(4)))
+        h.wait_in_map(1, timeout=60.0)
+        publisher = h.client.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
+        info = camera_info(stereo["K_right"], stereo["right"])
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(stereo["right"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        image = CompressedImage(format="jpeg", data=jpeg.tobytes())
+        image.header.frame_id = "camera"
+
+        def publish_until_pose():
+            h.camera_info.publish(info)
+            image.header.stamp = h.client.get_clock().now().to_msg()
+            publisher.publish(image)
+            time.sleep(0.3)
+            return h.messages("relocalization_pose")
+        poses = h.wait_for(publish_until_pose, 60.0, "relocalization_pose from a compressed image")
+        position = np.array([poses[-1].pose.pose.position.x, poses[-1].pose.pose.position.y,
+                             poses[-1].pose.pose.position.z])
+        assert abs(np.linalg.norm(position) - BASELINE_M) < 0.03  # the right camera, one baseline from the left
+
+        truncated = CompressedImage(format="jpeg", data=jpeg.tobytes()[:200])
+        h.wait_for(lambda: (h.camera_info.publish(info), publisher.publish(truncated), time.sleep(0.1),
+                            h.node.counters().get("rejected.undecodable_image", 0) > 0)[-1], 20.0,
+                   "undecodable image counted")
+    finally:
+        h.close()
 
 
 def test_images_are_time_synchronised_with_message_filters(ros_context, stereo):

@@ -28,9 +28,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train-codebook", help="train a VLAD codebook or an ORB bag-of-words vocabulary",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--descriptor", required=True, choices=("aliked", "disk", "orb"),
+    parser.add_argument("--descriptor", required=True, choices=("aliked", "disk", "orb", "xfeat"),
                         help="descriptor the codebook describes (orb -> binary vocabulary, else VLAD)")
-    parser.add_argument("--detector", default="orb", help="keypoints to describe (default orb single-scale)")
+    parser.add_argument("--detector", default="orb",
+                        help="keypoints to describe (default orb single-scale; orb and xfeat descriptors need their "
+                             "own detector)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")
     parser.add_argument("--images", nargs="*", type=Path, default=[TEXTURE_DIR], help="image files or directories")
     parser.add_argument("--bag", nargs="*", type=Path, default=[], help="rosbag2 sequences to add frames from")
@@ -94,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
                                                                    train_vlad_codebook)
 
     rng = np.random.default_rng(args.seed)
-    descriptor = "native" if args.descriptor == "orb" else args.descriptor
+    native_only = ("orb", "xfeat")  # descriptors computed only at their own detector's keypoints
+    if args.descriptor in native_only and args.detector != args.descriptor:
+        raise SystemExit(f"--descriptor {args.descriptor} needs --detector {args.descriptor}")
+    descriptor = "native" if args.descriptor in native_only else args.descriptor
     feature_config = FeatureConfig(detector=args.detector, descriptor=descriptor, max_keypoints=args.max_keypoints,
                                    resize_max=0)
     extractor = FeatureExtractor(feature_config, args.device)
@@ -157,13 +162,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _portable(value: object) -> str:
-    """A path inside the working directory as a relative path, so a card's command runs from any checkout."""
+    """A path inside the working directory as a relative path, so a card's command runs from any checkout; one
+    in the home directory as ``~/...``."""
     if isinstance(value, Path):
-        try:
-            return str(value.resolve().relative_to(Path.cwd().resolve()))
-        except ValueError:
-            return str(value)
+        resolved = value.resolve()
+        for root, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+            try:
+                return prefix + str(resolved.relative_to(root))
+            except ValueError:
+                continue
+        return str(value)
     return str(value)
+
+
+LISTED_IMAGES = 8  # longer --images lists are named in the card's data.photos, not repeated in its command
 
 
 def _reproducible_command(args: argparse.Namespace) -> str:
@@ -173,6 +185,8 @@ def _reproducible_command(args: argparse.Namespace) -> str:
         if key in ("func", "command", "verbose"):
             continue
         values = value if isinstance(value, list) else [value]
-        if values:
+        if key == "images" and len(values) > LISTED_IMAGES:
+            parts.append(f"--images PHOTOS (the {len(values)} files of data.photos)")
+        elif values:
             parts.append(f"--{key.replace('_', '-')} " + " ".join(_portable(v) for v in values))
     return " ".join(parts)

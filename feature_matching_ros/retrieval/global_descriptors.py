@@ -32,7 +32,7 @@ import numpy as np
 CODEBOOK_FORMAT_VERSION = 1
 RESOURCE_DIR = Path(__file__).resolve().parents[2] / "resource" / "retrieval"
 # Shipped codebooks, by the descriptor type they describe (see resource/retrieval/CODEBOOKS.md).
-DEFAULT_CODEBOOKS = {"aliked": "vlad_aliked_k64.npz", "orb": "bow_orb_k4096.npz"}
+DEFAULT_CODEBOOKS = {"aliked": "vlad_aliked_k64.npz", "orb": "bow_orb_k4096.npz", "xfeat": "vlad_xfeat_k64.npz"}
 
 
 class CodebookError(ValueError):

@@ -2,7 +2,8 @@
 
 Images: ``np.frombuffer`` over the message buffer, so unpadded rows are a zero-copy view. Supported encodings:
 mono8/8UC1, mono16/16UC1, bgr8, rgb8, bgra8, rgba8 (camera images) and 16UC1 (millimetres) / 32FC1 (metres)
-(depth). Colour images come out RGB(A) as the core expects (BGR is a reversed view, no copy). Everything else
+(depth). Colour images come out RGB(A) as the core expects (BGR is a reversed view, no copy). Camera images may
+also arrive as sensor_msgs/CompressedImage (JPEG or PNG, image_transport's ``compressed``). Everything else
 raises :class:`ConversionError` whose ``kind`` is a short stable key the node counts rejections by.
 
 Poses: ``T_a_b`` 4x4 matrices (maps points from b to a). Covariances and information matrices are 6x6 in ROS
@@ -19,7 +20,7 @@ import math
 import numpy as np
 from geometry_msgs.msg import Pose, Quaternion, Transform, Vector3
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import Image, PointCloud2
+from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 
 from feature_matching_ros.bag import convert as bag_convert
 from feature_matching_ros.ros.reason_codes import reason_code
@@ -87,6 +88,18 @@ def image_to_numpy(msg: Image, allowed: tuple[str, ...] | None = None, what: str
     elif encoding == "bgra8":
         array = array[:, :, [2, 1, 0, 3]]
     return array
+
+
+def camera_image_to_numpy(msg: Image | CompressedImage, what: str = "image") -> np.ndarray:
+    """A camera image, raw (:func:`image_to_numpy` with IMAGE_ENCODINGS) or compressed (image_transport's
+    ``compressed``: JPEG or PNG, decoded by the bag layer's decoder, the one reader of that format), as an owned
+    (H, W[, C]) array in RGB order. An undecodable payload or compressed depth raises ``undecodable_image``."""
+    if isinstance(msg, CompressedImage):
+        try:
+            return bag_convert.compressed_msg_to_image(msg)
+        except ValueError as error:
+            raise ConversionError("undecodable_image", f"{what}: {error}") from error
+    return np.array(image_to_numpy(msg, IMAGE_ENCODINGS, what))  # rclpy reuses the buffer: keep a copy
 
 
 def depth_to_metres(msg: Image, what: str = "depth") -> np.ndarray | None:

@@ -1,5 +1,9 @@
 """The camera inputs of relocalization_node: image + camera_info (+ depth), time-synchronised, with QoS checks.
 
+Transport (``image_transport``): raw sensor_msgs/Image on ``image``, or sensor_msgs/CompressedImage on
+``image/compressed``, named as image_transport names it (the remapped image topic + ``/compressed``), so a
+remap of ``image`` to a camera's image_raw finds that driver's compressed republisher. Decoding happens in the node's conversion step (conversions.camera_image_to_numpy).
+
 Synchronisation: on a ROS 2 install, message_filters' ApproximateTimeSynchronizer pairs image, camera_info
 and (``subscribe_depth``) depth whose stamps lie within ``depth_max_age_s``; it is the standard tool and
 handles reordered and late messages. Where message_filters is not importable (it is a ROS distro package,
@@ -21,7 +25,7 @@ from collections import deque
 from typing import Callable
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from feature_matching_ros.ros import conversions as conv
 
@@ -31,6 +35,8 @@ except ImportError:  # pragma: no cover - depends on the install
     message_filters = None
 
 IMAGE_TOPIC, CAMERA_INFO_TOPIC, DEPTH_TOPIC = "image", "camera_info", "depth"
+# image_transport's naming: a transport's topic is the (remapped) image topic + "/" + the transport's name.
+IMAGE_TRANSPORTS = {"raw": (Image, ""), "compressed": (CompressedImage, "/compressed")}
 
 
 def image_qos_profile(name: str) -> QoSProfile:
@@ -47,7 +53,7 @@ class ImageInputs:
 
     def __init__(self, node, on_set: Callable[[Image, CameraInfo | None, Image | None], None], image_qos: str,
                  subscribe_depth: bool, slop_s: float, queue_size: int, count: Callable[[str], None],
-                 use_message_filters: bool = True, callback_group=None) -> None:
+                 use_message_filters: bool = True, callback_group=None, image_transport: str = "raw") -> None:
         self._node = node
         self._on_set = on_set
         self._count = count
@@ -60,7 +66,12 @@ class ImageInputs:
         self._depth: deque[Image] = deque(maxlen=max(4, queue_size))
         qos = image_qos_profile(image_qos)
         options = {"qos_profile": qos, "callback_group": callback_group, "event_callbacks": self._events(image_qos)}
-        topics = [(Image, IMAGE_TOPIC), (CameraInfo, CAMERA_INFO_TOPIC)] + (
+        if image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport={image_transport!r}; allowed: {', '.join(IMAGE_TRANSPORTS)}")
+        image_kind, suffix = IMAGE_TRANSPORTS[image_transport]
+        # Like image_transport: remap the base topic first (image:=/camera/image_raw), then add the transport.
+        self.image_topic = node.resolve_topic_name(IMAGE_TOPIC) + suffix if suffix else IMAGE_TOPIC
+        topics = [(image_kind, self.image_topic), (CameraInfo, CAMERA_INFO_TOPIC)] + (
             [(Image, DEPTH_TOPIC)] if self.subscribe_depth else [])
         self.synchroniser = "message_filters" if (use_message_filters and message_filters is not None) else "stamp"
         if self.synchroniser == "message_filters":
@@ -70,7 +81,7 @@ class ImageInputs:
             self._sync = message_filters.ApproximateTimeSynchronizer(subscribers, queue_size, self._slop_s)
             self._sync.registerCallback(self._on_synchronised)
         else:
-            handlers = {IMAGE_TOPIC: self._on_image, CAMERA_INFO_TOPIC: self._on_camera_info,
+            handlers = {self.image_topic: self._on_image, CAMERA_INFO_TOPIC: self._on_camera_info,
                         DEPTH_TOPIC: self._on_depth}
             self._subscriptions = [node.create_subscription(kind, topic, handlers[topic], **options)
                                    for kind, topic in topics]

@@ -22,6 +22,7 @@ from feature_matching_ros import config as core_config
 
 MAP_LOAD_FAILURE = ("empty_map", "stop")
 IMAGE_QOS = ("sensor_data", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")
 DISTORTED_IMAGES = ("undistort", "reject")
 
 
@@ -114,6 +115,10 @@ NODE_PARAMETERS: list[ParameterSpec] = [
                   "reliable publishers) or reliable (only reliable publishers). Caveat: over best effort, large "
                   "images (640x480 and up) with default Fast DDS settings are often lost in fragments and never "
                   "arrive; with a reliable camera publisher choose reliable.", choices=IMAGE_QOS),
+    ParameterSpec("image_transport", "raw", "How camera images arrive: raw (sensor_msgs/Image on image) or "
+                  "compressed (sensor_msgs/CompressedImage, JPEG or PNG, on image/compressed: image_transport's "
+                  "naming, what a camera driver's compressed republisher sends over a thin link). Depth is always "
+                  "raw (compressedDepth is refused).", choices=IMAGE_TRANSPORTS),
     ParameterSpec("image_stall_warn_s", 3.0, "Warn (log, counter images.stalled, diagnostics) when camera_info "
                   "keeps arriving but no image has for this long, seconds (see image_qos); 0 disables.",
                   value_range=(0.0, 3600.0)),

@@ -14,7 +14,9 @@ Topics (relative names, remap or namespace them):
        loop_candidates (feature_matching_ros/LoopCandidates) -> engine.verify_candidates: verify keyframes the
                                                                 backend names (no retrieval, same acceptance rules).
        image, camera_info (+ depth with subscribe_depth)     -> engine.relocalize (if relocalize_on_image); QoS
-                                                                image_qos, time-synchronised (image_inputs.py)
+                                                                image_qos, time-synchronised (image_inputs.py);
+                                                                image/compressed instead of image with
+                                                                image_transport:=compressed (JPEG or PNG)
   out  loop_closures (LoopClosure, accepted only), loop_closures/rejected (LoopClosure, if publish_rejected),
        matches (Matches: accepted loops and relocalizations), relocalization_pose (PoseWithCovarianceStamped,
        ROS covariance convention), markers (visualization_msgs/MarkerArray: keyframes and accepted loops),
@@ -32,7 +34,7 @@ Threading: subscription callbacks only convert and validate (cheap) and push wor
 images are bounded, newest wins, the dropped ones counted and logged. One worker thread runs the engine.
 Services run on their own callback group and share the engine with the worker through a lock.
 
-Bad input (unsupported encoding, step mismatch, empty image, missing/invalid camera info, distortion it cannot
+Bad input (unsupported encoding, undecodable compressed image, step mismatch, empty image, missing/invalid camera info, distortion it cannot
 or may not undo, NaN pose, bad depth, core ImageError, unknown keyframe ids) is rejected, counted by kind
 (:meth:`counters`, diagnostics) and logged (throttled per kind). Unusable map points are rejected the same way
 under their reason code (``rejected.map_points_*``) while their keyframe is processed without them. Loop verdicts and relocalization failures
@@ -191,7 +193,8 @@ class RelocalizationNode(NodeServices, Node):
         self.create_subscription(LoopCandidates, "loop_candidates", self._on_candidates, map_inputs)
         self.camera = ImageInputs(self, self._on_camera_set, values["image_qos"], values["subscribe_depth"],
                                   values["depth_max_age_s"], values["sync_queue_size"], self._count,
-                                  callback_group=MutuallyExclusiveCallbackGroup())
+                                  callback_group=MutuallyExclusiveCallbackGroup(),
+                                  image_transport=values["image_transport"])
 
         services = MutuallyExclusiveCallbackGroup()
         self.create_service(MatchImages, "match_images", self._on_match_images, callback_group=services)
@@ -374,7 +377,7 @@ class RelocalizationNode(NodeServices, Node):
                depth_msg: Image | None, map_frame: str) -> _Frame:
         """Convert, validate and undistort; raises conv.ConversionError (kind + message). Arrays are copies."""
         start = time.perf_counter()
-        image = np.array(conv.image_to_numpy(image_msg, conv.IMAGE_ENCODINGS))  # rclpy reuses the buffer
+        image = conv.camera_image_to_numpy(image_msg)
         model = self._camera(info, image)
         depth = None
         if depth_msg is not None:
