@@ -300,9 +300,12 @@ def _umask() -> int:
 
 
 def test_retrieval_without_faiss_gives_the_faiss_answers(monkeypatch):
-    """Where faiss is not installed, VLAD assignment and the keyframe search run exactly in numpy: same VLAD
-    vectors and the same candidates, in the same order, as faiss on real SIFT descriptors of real photos."""
+    """VLAD assignment always, and the keyframe search where faiss is not installed, run exactly in numpy: the
+    same nearest centroids as faiss's IndexFlatL2, and the same VLAD vectors and candidates, in the same order,
+    on real SIFT descriptors of real photos."""
     import sys
+
+    import faiss
 
     from feature_matching_ros.retrieval.database import ExactInnerProduct
     from feature_matching_ros.retrieval.global_descriptors import NearestCentroidL2, VladCodebook
@@ -312,6 +315,11 @@ def test_retrieval_without_faiss_gives_the_faiss_answers(monkeypatch):
     sets = {name: f.descriptors.numpy() for name, f in features.items()}
     views = {name: extractor(_crop_view(_photo(name), 24)).descriptors.numpy() for name in PHOTOS}
     with_faiss = train_vlad_codebook(list(sets.values()), "sift", clusters=8, pca_dim=0)
+    flat = faiss.IndexFlatL2(with_faiss.descriptor_dim)
+    flat.add(with_faiss.centroids)
+    for descriptors in [*sets.values(), *views.values()]:
+        assert np.array_equal(NearestCentroidL2(with_faiss.centroids).search(descriptors, 1)[1],
+                              flat.search(np.ascontiguousarray(descriptors, np.float32), 1)[1])
     config = RetrievalConfig(top_k=4, exclude_recent_seconds=1.5, exclude_recent_count=0)
 
     def build(codebook):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,6 +195,9 @@ class OrbTorch:
         self.candidate_factor = candidate_factor
         self.fast_threshold = fast_threshold
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # Per keypoint budget, the fixed-shape steps replayed from CUDA graphs (a camera stream repeats one image
+        # size; the ~300 small kernels are launch-bound on a large GPU).
+        self._graphs: dict[int, Any] = {}
 
     def detect(self, image: PreparedImage, max_keypoints: int, with_descriptors: bool) -> Keypoints:
         device = image.device
@@ -205,7 +209,8 @@ class OrbTorch:
             stream = self._streams[device]
             with torch.cuda.stream(stream):
                 gray = torch.from_numpy(image.gray).to(device)  # uploaded on this stream: no wait for others
-                keypoints = self.keypoints(gray, max_keypoints)  # ends by synchronising this stream only
+                keypoints = self.keypoints(gray, max_keypoints, self._graph_for(max_keypoints))
+                # (keypoints ends by synchronising this stream only)
             current = torch.cuda.current_stream(device)
             for tensor in (keypoints.xy, keypoints.scores, keypoints.scales, keypoints.orientations):
                 tensor.record_stream(current)  # memory stays reserved until the default stream used it
@@ -239,8 +244,29 @@ class OrbTorch:
         xy = torch.stack([pixels % width, pixels // width], dim=-1).float()
         return xy, responses, valid
 
-    def keypoints(self, gray: torch.Tensor, max_keypoints: int) -> Keypoints:
-        """Keypoints of an ``(H, W)`` uint8 image on its device (module docstring, steps 1-7)."""
+    def _graph_for(self, max_keypoints: int):
+        if max_keypoints not in self._graphs:
+            from feature_matching_ros.features.learned import GRAPH_AFTER_CALLS
+            from feature_matching_ros.matchers.lightglue import CudaGraphCache
+
+            self._graphs[max_keypoints] = CudaGraphCache(
+                lambda gray: self._fixed_shape_keypoints(gray, max_keypoints), max_graphs=4,
+                capture_after=GRAPH_AFTER_CALLS)
+        return self._graphs[max_keypoints]
+
+    def keypoints(self, gray: torch.Tensor, max_keypoints: int, replay=None) -> Keypoints:
+        """Keypoints of an ``(H, W)`` uint8 image on its device (module docstring, steps 1-7); ``replay``: a
+        CudaGraphCache of :meth:`_fixed_shape_keypoints` for this budget."""
+        xy, responses, angles, picked = (replay or (lambda g: self._fixed_shape_keypoints(g, max_keypoints)))(gray)
+        count = int(picked.sum())  # the one synchronisation: how many keypoints there are
+        xy, responses, angles = xy[:count].clone(), responses[:count].clone(), angles[:count].clone()
+        return Keypoints(xy=xy, scores=responses, scales=torch.full_like(responses, float(ORB_PATCH_SIZE)),
+                         orientations=angles)
+
+    def _fixed_shape_keypoints(self, gray: torch.Tensor, max_keypoints: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-7 without any host synchronisation: (max_keypoints, 2) xy, responses and angles, best first,
+        and the (max_keypoints,) mask of those that exist."""
         height, width = gray.shape
         # Two candidate sets, as the OpenCV backend's first try and its retry with 4x more candidates.
         sizes = (max_keypoints * self.candidate_factor, max_keypoints * self.candidate_factor * 4)
@@ -254,8 +280,4 @@ class OrbTorch:
         chosen, picked = spread_over_grid(xy[None], keep[None], (width, height), max_keypoints)
         chosen, picked = chosen[0], picked[0]
         xy, responses = xy[chosen], responses[chosen]
-        angles = intensity_centroid_angles(gray, xy)
-        count = int(picked.sum())  # the one synchronisation: how many keypoints there are
-        xy, responses, angles = xy[:count], responses[:count], angles[:count]
-        return Keypoints(xy=xy, scores=responses, scales=torch.full_like(responses, float(ORB_PATCH_SIZE)),
-                         orientations=angles)
+        return xy, responses, intensity_centroid_angles(gray, xy), picked

@@ -414,15 +414,26 @@ class CudaGraphCache:
     LightGlue at batch 1 is bound by kernel-launch and Python overhead (~7 ms on an H200 for ~0.2 ms of
     math); a captured graph replays all of its kernels at once. The function must not synchronise with
     the host (no early exit). Outputs live in the graph's static buffers until the next replay.
+
+    ``capture_after``: a signature is captured on its ``capture_after``-th call and runs eagerly before (a camera
+    stream repeats one image size; one-off sizes never pay for a capture).
     """
 
-    def __init__(self, function, max_graphs: int = 16) -> None:
+    def __init__(self, function, max_graphs: int = 16, capture_after: int = 1) -> None:
         self.function = function
         self.max_graphs = max_graphs
+        self.capture_after = capture_after
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self._calls: dict[tuple, int] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key not in self.graphs and self.capture_after > 1:
+            if len(self._calls) > 64:  # many one-off signatures: forget them
+                self._calls.clear()
+            self._calls[key] = self._calls.get(key, 0) + 1
+            if self._calls[key] < self.capture_after:
+                return self.function(*inputs)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
