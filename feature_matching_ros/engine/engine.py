@@ -136,8 +136,9 @@ class LoopClosureEngine:
         features = self.pipeline.extract(image)
         timing["extract"] = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
-        global_descriptor = self.codebook(_numpy_descriptors(features)) if len(features) else np.zeros(
-            self.codebook.dim, np.float32)
+        # VLAD describes the descriptors where they are (the GPU's); the binary vocabulary works on the host.
+        descriptors = features.descriptors if self.codebook.kind == "vlad" else _numpy_descriptors(features)
+        global_descriptor = self.codebook(descriptors) if len(features) else np.zeros(self.codebook.dim, np.float32)
         timing["global_descriptor"] = (time.perf_counter() - start) * 1e3
         if keyframe_id is None:
             keyframe_id = self._next_id

@@ -4,8 +4,8 @@
   Arandjelovic & Zisserman 2013): residuals to the nearest of K centroids summed per centroid, then
   intra-normalisation (per-centroid L2), signed square root (power norm) and a final L2 norm, then optional
   PCA-whitening to ``pca_dim`` dims and a final L2 norm, so the inner product of two descriptors is their
-  cosine similarity and faiss ``IndexFlatIP`` ranks by it. Assignment is an exact L2 nearest centroid in numpy
-  (:class:`NearestCentroidL2`; one small product, cheaper here than faiss's threads).
+  cosine similarity and faiss ``IndexFlatIP`` ranks by it. Assignment is an exact L2 nearest centroid
+  (:func:`nearest_centroids`, one small product); the math runs in torch on the descriptors' device.
 * :class:`BinaryVocabulary` — bag of binary words the ORB-SLAM3 / DBoW2 way but with a flat vocabulary:
   words are k-majority centroids of 256-bit ORB descriptors (k-medoids-like clustering in Hamming space,
   centroid bit = majority vote), tf-idf weights, L1-normalised vectors and the DBoW2 L1 score
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 CODEBOOK_FORMAT_VERSION = 1
 RESOURCE_DIR = Path(__file__).resolve().parents[2] / "resource" / "retrieval"
@@ -53,22 +55,10 @@ def _faiss():
     return faiss
 
 
-class NearestCentroidL2:
-    """Exact L2 nearest centroid in numpy, the answer of faiss ``IndexFlatL2.search(x, 1)`` (up to float rounding
-    on near ties): VLAD assignment (see VladCodebook for why not faiss). centroids: (K, D) float32."""
-
-    def __init__(self, centroids: np.ndarray) -> None:
-        self.centroids = np.ascontiguousarray(centroids, np.float32)
-        self._squared_norms = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(N, D) -> squared distances (N, 1) and indices (N, 1) int64; only k = 1."""
-        if k != 1:
-            raise ValueError("NearestCentroidL2 answers k=1 only")
-        distances = self._squared_norms[None] - 2.0 * (vectors @ self.centroids.T)
-        nearest = np.argmin(distances, axis=1)
-        best = distances[np.arange(len(vectors)), nearest] + (vectors.astype(np.float32) ** 2).sum(1)
-        return best[:, None], nearest[:, None].astype(np.int64)
+def nearest_centroids(descriptors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, D) and (K, D) float32 -> (N,) int64 index of the exact L2-nearest centroid: faiss
+    ``IndexFlatL2.search(x, 1)``'s answer (up to float rounding on near ties) as one small product."""
+    return ((centroids * centroids).sum(1)[None] - 2.0 * descriptors @ centroids.T).argmin(1)
 
 
 @dataclass
@@ -84,10 +74,10 @@ class VladCodebook:
 
     def __post_init__(self) -> None:
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
-        # Assignment to a few dozen centroids is one small matrix product: numpy's, not faiss's. faiss's OpenMP
-        # threads keep spinning after a search and starve the BLAS threads of the PCA product that follows
-        # (8 ms per descriptor instead of 0.5 on 2 cores).
-        self._index = NearestCentroidL2(self.centroids)
+        # The math runs in torch on the descriptors' device (the GPU's when they come from it), in torch's own
+        # thread pool: numpy's BLAS threads after a torch network, or after a faiss search, wait on the other
+        # pool's spinning threads (10 ms for a 0.5 ms descriptor on 2 cores).
+        self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
 
     @property
     def descriptor_dim(self) -> int:
@@ -101,36 +91,49 @@ class VladCodebook:
     def raw_dim(self) -> int:
         return int(self.centroids.size)
 
-    def raw_vlad(self, descriptors: np.ndarray) -> np.ndarray:
-        """(N, D) float descriptors -> (K*D,) intra-normalised, power-normalised, L2-normalised VLAD."""
-        descriptors = np.ascontiguousarray(descriptors, dtype=np.float32)
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(centroids, pca_mean, pca_projection) as float32 tensors on ``device``, copied once."""
+        if device not in self._tensors:
+            def to(array: np.ndarray | None) -> torch.Tensor | None:
+                return None if array is None else torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(device)
+            self._tensors[device] = (to(self.centroids), to(self.pca_mean), to(self.pca_projection))
+        return self._tensors[device]
+
+    @torch.inference_mode()
+    def _raw(self, descriptors: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(descriptors, np.ndarray):
+            descriptors = torch.from_numpy(np.ascontiguousarray(descriptors, dtype=np.float32))
+        descriptors = descriptors.float()
         if descriptors.ndim != 2 or descriptors.shape[1] != self.descriptor_dim:
             raise CodebookError(f"VLAD codebook ({self.descriptor_type}) expects (N, {self.descriptor_dim}) "
-                                f"descriptors, got {descriptors.shape}")
-        k = len(self.centroids)
-        vlad = np.zeros((k, self.descriptor_dim), np.float32)
+                                f"descriptors, got {tuple(descriptors.shape)}")
+        centroids = self._on(descriptors.device)[0]
+        k = len(centroids)
         if len(descriptors):
-            _, assignment = self._index.search(descriptors, 1)
-            assignment = assignment.ravel()
-            # Sum of residuals per centroid: sum of the assigned descriptors minus count x centroid (one product,
-            # where np.add.at loops in Python-level chunks).
-            members = np.zeros((k, len(descriptors)), np.float32)
-            members[assignment, np.arange(len(descriptors))] = 1.0
-            vlad = members @ descriptors - np.bincount(assignment, minlength=k)[:, None].astype(np.float32) \
-                * self.centroids
-        norms = np.linalg.norm(vlad, axis=1, keepdims=True)
-        vlad = np.where(norms > 0, vlad / np.maximum(norms, 1e-12), 0.0)  # intra-normalisation
-        vlad = vlad.ravel()
-        vlad = np.sign(vlad) * np.sqrt(np.abs(vlad))  # power normalisation (burstiness)
-        return (vlad / max(float(np.linalg.norm(vlad)), 1e-12)).astype(np.float32)
+            assignment = nearest_centroids(descriptors, centroids)
+            # Residual sums per centroid: assigned descriptors summed (a one-hot product, deterministic on the
+            # GPU unlike scatter-adds) minus count x centroid.
+            members = F.one_hot(assignment, k).T.float()
+            vlad = members @ descriptors - members.sum(1, keepdim=True) * centroids
+        else:
+            vlad = torch.zeros_like(centroids)
+        vlad = F.normalize(vlad, dim=1).flatten()  # intra-normalisation (empty clusters stay zero)
+        vlad = vlad.sign() * vlad.abs().sqrt()  # power normalisation (burstiness)
+        return vlad / vlad.norm().clamp_min(1e-12)
 
-    def __call__(self, descriptors: np.ndarray) -> np.ndarray:
-        """(N, D) -> (dim,) float32 unit vector."""
-        vlad = self.raw_vlad(descriptors)
+    def raw_vlad(self, descriptors: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, D) float descriptors -> (K*D,) intra-normalised, power-normalised, L2-normalised VLAD."""
+        return self._raw(descriptors).cpu().numpy()
+
+    @torch.inference_mode()
+    def __call__(self, descriptors: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, D) array or tensor (on any device) -> (dim,) float32 unit vector."""
+        vlad = self._raw(descriptors)
         if self.pca_projection is None:
-            return vlad
-        reduced = self.pca_projection @ (vlad - self.pca_mean)
-        return (reduced / max(float(np.linalg.norm(reduced)), 1e-12)).astype(np.float32)
+            return vlad.cpu().numpy()
+        _, mean, projection = self._on(vlad.device)
+        reduced = projection @ (vlad - mean)
+        return (reduced / reduced.norm().clamp_min(1e-12)).cpu().numpy()
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"centroids": self.centroids}
