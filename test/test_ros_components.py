@@ -12,6 +12,7 @@ pytest.importorskip("rclpy", reason="rclpy (ROS 2 Python client) is not installe
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed")
 from sensor_msgs.msg import CameraInfo  # noqa: E402
 
+from feature_matching_ros.presets import preset_names  # noqa: E402
 from feature_matching_ros.ros.camera_model import Undistorter, camera_model  # noqa: E402
 from feature_matching_ros.ros.conversions import ConversionError  # noqa: E402
 from feature_matching_ros.ros.diagnostics import ERROR, OK, WARN, HealthMonitor  # noqa: E402
@@ -253,7 +254,7 @@ def _stamp():
 
 
 # ---------------------------------------------------------------------------------------------- parameters
-@pytest.mark.parametrize("preset", ["cpu", "orb_lightglue", "eloftr", "orb_bow_nn"])
+@pytest.mark.parametrize("preset", preset_names())
 def test_every_override_parameter_has_the_presets_effective_value(preset):
     from feature_matching_ros.presets import build_configs
 
