@@ -122,13 +122,18 @@ class KorniaReference:
         return _timed(one_by_one, self.device), _timed(batch, self.device)
 
 
+def _top_k(preset: str, args) -> int:
+    """Candidates verified per keyframe: --top-k, or the preset's own retrieval top_k."""
+    from feature_matching_ros.presets import get_preset
+
+    return args.top_k or get_preset(preset)["engine"]["retrieval"]["top_k"]
+
+
 def run_preset(preset: str, args, frames: list[np.ndarray], K: np.ndarray) -> dict:
     from feature_matching_ros.engine import build_engine
     from feature_matching_ros.engine.verification import VerificationPool
 
-    from feature_matching_ros.presets import get_preset
-
-    top_k = args.top_k or get_preset(preset)["engine"]["retrieval"]["top_k"]
+    top_k = _top_k(preset, args)
     override = {"engine": {"retrieval": {"top_k": top_k, "exclude_recent_seconds": 0.0,
                                          "exclude_recent_count": 0}}}
     if args.verification_threads is not None:
@@ -220,7 +225,7 @@ def main() -> None:
                              "architecture and cost, no official weights file needed")
     parser.add_argument("--out", type=Path, help="write the tables as markdown here")
     args = parser.parse_args()
-    frames, K = _frames(args.bag, args.keyframes + (args.top_k or 5))
+    frames, K = _frames(args.bag, args.keyframes + max(_top_k(preset, args) for preset in args.presets))
     results = []
     for preset in args.presets:
         result = run_preset(preset, args, frames, K)

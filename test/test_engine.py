@@ -11,6 +11,7 @@ from feature_matching_ros.geometry.pose import RelativePose, invert_relative_pos
 from feature_matching_ros.pipeline import MatchingPipeline
 from feature_matching_ros.presets import build_configs, get_preset, preset_names
 from feature_matching_ros.engine import EngineConfig, LoopClosureEngine
+from feature_matching_ros.engine.records import LoopClosure
 from feature_matching_ros.retrieval import MapFormatError
 from feature_matching_ros.retrieval.database import Keyframe, RetrievalConfig
 
@@ -218,7 +219,8 @@ def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
     assert path_to_0 == pytest.approx(sum(np.linalg.norm(poses[i + 1][:3, 3] - poses[i][:3, 3]) for i in range(4))
                                       + np.linalg.norm(query.T_map_camera[:3, 3] - poses[4][:3, 3]))
     # keyframe 5 closes a loop to keyframe 0 (measured pose = backend's): the query's path to 0 now goes through it
-    engine._pending_loops[5] = [(0, np.linalg.inv(poses[0]) @ _pose(0.2, 0.1, 10))]
+    loop = LoopClosure(5, 0, 5 * SECOND, 0, True, "ok", np.linalg.inv(poses[0]) @ _pose(0.2, 0.1, 10), 1.0, True)
+    engine._pending_loops[5] = [(0, loop)]
     engine.insert(Keyframe(5, 5 * SECOND, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8),
                            np.zeros(0, np.float16), (640, 480), "orb", np.eye(3), np.ones(dim, np.float32),
                            _pose(0.2, 0.1, 10)))

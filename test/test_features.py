@@ -70,13 +70,13 @@ def test_resized_extraction_maps_back_to_original_pixels(graf):
 def test_aliked_dense_map_replayed_from_a_cuda_graph_equals_eager(graf):
     """A repeated image size is replayed from a captured CUDA graph: the descriptors at ORB keypoints are those of
     the eager network, and a new size (eager until it repeats) does not disturb the captured one."""
-    from feature_matching_ros.features.learned import GRAPH_AFTER_CALLS
+    from feature_matching_ros.matchers.lightglue import REPEATED_SHAPE_CALLS
 
     extractor = FeatureExtractor(FeatureConfig(detector="orb", descriptor="aliked", max_keypoints=512), "cuda")
     image = graf.image0
     eager = extractor(image)
     other = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2))
-    for _ in range(GRAPH_AFTER_CALLS + 1):
+    for _ in range(REPEATED_SHAPE_CALLS + 1):
         replayed = extractor(image)
         extractor(other)
     assert extractor.descriptor._graphs.graphs, "the repeated size was not captured"

@@ -181,13 +181,13 @@ def test_graf_matching_with_torch_orb_as_accurate_as_opencv(graf):
 def test_cuda_keypoints_equal_cpu(photos):
     """Eager on the first calls, then (a repeated image size) replayed from a CUDA graph: the same keypoints as
     on the CPU every time, and keypoints handed out earlier are not overwritten by later replays."""
-    from feature_matching_ros.features.learned import GRAPH_AFTER_CALLS
+    from feature_matching_ros.matchers.lightglue import REPEATED_SHAPE_CALLS
 
     cuda_orb = OrbTorch()
     for name, gray in photos.items():
         cpu = OrbTorch().detect(prepare_image(gray, 0, torch.device("cpu")), 256, with_descriptors=False)
         results = [cuda_orb.detect(prepare_image(gray, 0, torch.device("cuda")), 256, with_descriptors=False)
-                   for _ in range(GRAPH_AFTER_CALLS + 1)]
+                   for _ in range(REPEATED_SHAPE_CALLS + 1)]
         for cuda in results:
             assert torch.equal(cuda.xy.cpu(), cpu.xy) and torch.equal(cuda.scores.cpu(), cpu.scores), name
             assert torch.allclose(cuda.orientations.cpu(), cpu.orientations, atol=1e-5), name

@@ -113,13 +113,12 @@ class LoopClosureEngine:
         self.database = KeyframeDatabase(kind, codebook.dim, self.config.retrieval)
         self._recent_verified: deque[set[int]] = deque(maxlen=max(self.config.temporal_consistency - 1, 1))
         self._next_id = 0
-        # Odometry gate: the keyframe graph by database position; accepted metric loops wait here until their
-        # query keyframe is inserted.
+        # Odometry gate: the keyframe graph by database position (metric loops become its edges); same-place links
+        # of accepted loops of every kind (ambiguity, consistency). Accepted loops (match position, loop) wait in
+        # _pending_loops until their query keyframe is inserted.
         self.graph = KeyframeGraph()
-        self._pending_loops: dict[int, list[tuple[int, np.ndarray]]] = {}
-        # Same-place links of accepted loops of every kind (ambiguity, consistency); pending as above.
         self.places = PlaceLinks()
-        self._pending_places: dict[int, list[int]] = {}
+        self._pending_loops: dict[int, list[tuple[int, LoopClosure]]] = {}
         self._verification_pool = VerificationPool(self.config.verification_threads)
 
     # -------------------------------------------------------------------- keyframes
@@ -171,12 +170,11 @@ class LoopClosureEngine:
     def insert(self, keyframe: Keyframe) -> None:
         previous = self.database.keyframes[-1].T_map_camera if len(self.database) else None
         position = self.graph.add_node(previous, keyframe.T_map_camera)
-        for match_position, T_match_query in self._pending_loops.pop(keyframe.id, []):
-            self.graph.add_loop(match_position, position, T_match_query)
-        for match_position in self._pending_places.pop(keyframe.id, []):
+        for match_position, loop in self._pending_loops.pop(keyframe.id, []):
             self.places.add(match_position, position)
+            if loop.metric:
+                self.graph.add_loop(match_position, position, loop.T_match_query)
         self._pending_loops.clear()
-        self._pending_places.clear()
         self.database.add(keyframe)
 
     def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
@@ -420,10 +418,8 @@ class LoopClosureEngine:
             extra.accepted = False
             extra.reason = f"another candidate of this keyframe has more inliers or metric scale " \
                            f"(max_loops_per_keyframe={self.config.max_loops_per_keyframe})"
-        self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c.T_match_query)
-                                            for c in accepted[:self.config.max_loops_per_keyframe] if c.metric]
-        self._pending_places[keyframe.id] = [self.database.position_of(c.match_id)
-                                             for c in accepted[:self.config.max_loops_per_keyframe]]
+        self._pending_loops[keyframe.id] = [(self.database.position_of(c.match_id), c)
+                                            for c in accepted[:self.config.max_loops_per_keyframe]]
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok", timing)
 
     def _same_place(self, a: LoopClosure, b: LoopClosure) -> bool:
@@ -573,9 +569,7 @@ class LoopClosureEngine:
                                  "preset that keeps them (eloftr)")
         self.database = database
         # Rebuild the odometry graph in database order (loop edges are not persisted: the backend owns them).
-        self.graph = KeyframeGraph()
-        self._pending_loops = {}
-        self.places, self._pending_places = PlaceLinks(), {}
+        self.graph, self.places, self._pending_loops = KeyframeGraph(), PlaceLinks(), {}
         previous = None
         for keyframe in database.keyframes:
             self.graph.add_node(previous, keyframe.T_map_camera)

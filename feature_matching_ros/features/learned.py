@@ -23,7 +23,6 @@ from feature_matching_ros.image import PreparedImage
 from feature_matching_ros.weights import WeightsError, load_official_state_dict
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-GRAPH_AFTER_CALLS = 3  # on CUDA, an image size seen this often is captured as a CUDA graph (ALIKED, ORB)
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -62,12 +61,12 @@ class AlikedNetwork:
         self.model.eval().to(device)
         # The dense map at batch 1 is bound by kernel launches on a large GPU (6.3 ms on an H200 for ~1.5 ms of
         # GPU work): a camera stream repeats one image size, which is replayed from a captured graph once it has
-        # come GRAPH_AFTER_CALLS times (2.4 ms; one-off sizes stay eager).
+        # come REPEATED_SHAPE_CALLS times (2.4 ms; one-off sizes stay eager).
         self._graphs = None
         if device.type == "cuda":
-            from feature_matching_ros.matchers.lightglue import CudaGraphCache
+            from feature_matching_ros.matchers.lightglue import REPEATED_SHAPE_CALLS, CudaGraphCache
 
-            self._graphs = CudaGraphCache(self._dense, max_graphs=4, capture_after=GRAPH_AFTER_CALLS)
+            self._graphs = CudaGraphCache(self._dense, max_graphs=4, capture_after=REPEATED_SHAPE_CALLS)
 
     @torch.inference_mode()
     def detect(self, image: PreparedImage, max_keypoints: int, with_descriptors: bool) -> Keypoints:

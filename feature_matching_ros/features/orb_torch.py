@@ -202,15 +202,15 @@ class OrbTorch:
     def detect(self, image: PreparedImage, max_keypoints: int, with_descriptors: bool) -> Keypoints:
         device = image.device
         if device.type != "cuda":
-            keypoints = self.keypoints(torch.from_numpy(image.gray), max_keypoints)
+            keypoints = self.keypoints(torch.from_numpy(image.gray), max_keypoints)  # eager
         else:
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             stream = self._streams[device]
             with torch.cuda.stream(stream):
                 gray = torch.from_numpy(image.gray).to(device)  # uploaded on this stream: no wait for others
-                keypoints = self.keypoints(gray, max_keypoints, self._graph_for(max_keypoints))
-                # (keypoints ends by synchronising this stream only)
+                # Replayed from a CUDA graph once the image size repeats; synchronises this stream only.
+                keypoints = self._trimmed(*self._graph_for(max_keypoints)(gray))
             current = torch.cuda.current_stream(device)
             for tensor in (keypoints.xy, keypoints.scores, keypoints.scales, keypoints.orientations):
                 tensor.record_stream(current)  # memory stays reserved until the default stream used it
@@ -245,19 +245,22 @@ class OrbTorch:
         return xy, responses, valid
 
     def _graph_for(self, max_keypoints: int):
+        """The CudaGraphCache of :meth:`_fixed_shape_keypoints` for this keypoint budget."""
         if max_keypoints not in self._graphs:
-            from feature_matching_ros.features.learned import GRAPH_AFTER_CALLS
-            from feature_matching_ros.matchers.lightglue import CudaGraphCache
+            from feature_matching_ros.matchers.lightglue import REPEATED_SHAPE_CALLS, CudaGraphCache
 
             self._graphs[max_keypoints] = CudaGraphCache(
                 lambda gray: self._fixed_shape_keypoints(gray, max_keypoints), max_graphs=4,
-                capture_after=GRAPH_AFTER_CALLS)
+                capture_after=REPEATED_SHAPE_CALLS)
         return self._graphs[max_keypoints]
 
-    def keypoints(self, gray: torch.Tensor, max_keypoints: int, replay=None) -> Keypoints:
-        """Keypoints of an ``(H, W)`` uint8 image on its device (module docstring, steps 1-7); ``replay``: a
-        CudaGraphCache of :meth:`_fixed_shape_keypoints` for this budget."""
-        xy, responses, angles, picked = (replay or (lambda g: self._fixed_shape_keypoints(g, max_keypoints)))(gray)
+    def keypoints(self, gray: torch.Tensor, max_keypoints: int) -> Keypoints:
+        """Keypoints of an ``(H, W)`` uint8 image on its device (module docstring, steps 1-7), eagerly."""
+        return self._trimmed(*self._fixed_shape_keypoints(gray, max_keypoints))
+
+    @staticmethod
+    def _trimmed(xy: torch.Tensor, responses: torch.Tensor, angles: torch.Tensor, picked: torch.Tensor) -> Keypoints:
+        """The keypoints that exist, as tensors of their own (a graph's outputs are overwritten by its next replay)."""
         count = int(picked.sum())  # the one synchronisation: how many keypoints there are
         xy, responses, angles = xy[:count].clone(), responses[:count].clone(), angles[:count].clone()
         return Keypoints(xy=xy, scores=responses, scales=torch.full_like(responses, float(ORB_PATCH_SIZE)),

@@ -408,6 +408,10 @@ def mutual_matches(log_assignment: torch.Tensor, threshold: float) -> tuple[torc
         valid, probability, torch.zeros_like(probability))
 
 
+# A camera stream repeats one image size: a signature seen this often is worth capturing (feature extraction).
+REPEATED_SHAPE_CALLS = 3
+
+
 class CudaGraphCache:
     """Replays a function of fixed-shape CUDA tensors from captured graphs, one per input signature.
 
