@@ -22,6 +22,7 @@ LIGHTGLUE_WEIGHTS = ("default", "official", "agnostic")  # agnostic: our multi-d
 ELOFTR_MODES = ("full", "optimized")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+RANSAC_SAMPLING = ("confidence", "uniform")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,9 @@ class PoseConfig:
     pnp_threshold_px: float = 3.0  # PnP and Sim3: reprojection error threshold in pixels
     confidence: float = 0.9999
     max_iterations: int = 10_000
+    # How RANSAC draws its minimal samples: "confidence" tries the matcher's most confident matches first (PROSAC);
+    # "uniform" draws from all matches alike (for matchers whose scores do not rank matches).
+    sampling: str = "confidence"
     # The lowest inlier ratio (inliers / matches) the caller accepts: RANSAC stops once it is `confidence` sure that
     # no model with this ratio exists (geometry/pose.py: ransac_iterations) instead of running max_iterations on a
     # pair it would reject anyway. 0: no floor, search up to max_iterations. The engine raises it to its own
@@ -140,6 +144,7 @@ class PoseConfig:
         _check_range("pnp_threshold_px", self.pnp_threshold_px, 0.01, 50.0)
         _check_range("confidence", self.confidence, 0.5, 0.999999)
         _check_range("max_iterations", self.max_iterations, 10, 1_000_000)
+        _check_choice("sampling", self.sampling, RANSAC_SAMPLING)
         _check_range("min_inlier_ratio", self.min_inlier_ratio, 0.0, 1.0)
         _check_range("min_inlier_ratio_monocular", self.min_inlier_ratio_monocular, 0.0, 1.0)
         _check_range("min_matches", self.min_matches, 5, 100_000)

@@ -202,7 +202,7 @@ class MatchingPipeline:
                               RelativePose(False, "GPU out of memory"), timing)
         start = time.perf_counter()
         pose = estimate_relative_pose(correspondences.points0, correspondences.points1, K0, K1, self.config.pose,
-                                      depth0=depth0, depth1=depth1)
+                                      depth0=depth0, depth1=depth1, scores=correspondences.scores)
         timing["pose"] = (time.perf_counter() - start) * 1e3
         if correspondences.index0 is None:  # detector-free: the matched pixels are the keypoints
             keypoints0, keypoints1 = correspondences.points0, correspondences.points1

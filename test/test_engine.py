@@ -284,3 +284,34 @@ def test_cheap_verification_keeps_every_decision(pipeline, motorcycle):
         pose = verify_pair(correspondences, None, match.depth_at(correspondences.points1, correspondences.index1),
                            motorcycle.K1, match.K, pipeline.config.pose)
         assert not pose.success or pose.num_inliers < required
+
+
+def test_describe_ahead_gives_the_one_by_one_results(pipeline, motorcycle):
+    """Each next keyframe described in a background thread while the current one verifies (DescribeAhead, the
+    node's backlog path) gives exactly the loops, reasons and poses of processing the keyframes one by one."""
+    from feature_matching_ros.engine.describe_ahead import DescribeAhead
+
+    keyframes = [(motorcycle.image0, motorcycle.depth0)] + [(_photo(n), None) for n in ("astronaut", "coffee", "chelsea")]
+    keyframes += [(motorcycle.image1, None), (_crop(_photo("coffee"), 30), None), (_crop(_photo("chelsea"), 40), None)]
+
+    def arguments(index: int) -> dict:
+        image, depth = keyframes[index]
+        return dict(image=image, K=motorcycle.K0, stamp_ns=index * 10 * SECOND, keyframe_id=index, depth=depth)
+
+    one_by_one = _engine(pipeline)
+    expected = [one_by_one.process_keyframe(**arguments(i)) for i in range(len(keyframes))]
+    engine = _engine(pipeline)
+    ahead = DescribeAhead(engine)
+    results = []
+    for index in range(len(keyframes)):
+        described = ahead.take(index)
+        assert (described is None) == (index == 0)
+        following = (lambda n=index + 1: ahead.start(n, **arguments(n))) if index + 1 < len(keyframes) else None
+        results.append(engine.process_keyframe(**arguments(index), described=described, after_matching=following))
+    ahead.close()
+    assert sum(c.accepted for r in expected for c in r.candidates) >= 3
+    for a, b in zip(expected, results):
+        assert [(c.match_id, c.accepted, c.reason, c.num_inliers) for c in a.candidates] == \
+            [(c.match_id, c.accepted, c.reason, c.num_inliers) for c in b.candidates]
+        for ca, cb in zip(a.candidates, b.candidates):
+            assert np.allclose(ca.T_match_query, cb.T_match_query, atol=1e-9)

@@ -73,6 +73,57 @@ def test_stereo_pose_monocular(motorcycle, orb_aliked_lightglue, orb_hamming):
     assert not baseline.success or rotation_error_deg(baseline.pose.R, motorcycle.R_1_0) > rotation_lg
 
 
+def test_confidence_ordered_ransac_is_input_order_free_and_as_accurate(motorcycle, orb_aliked_lightglue):
+    """RANSAC samples the most confident matches first (PROSAC): the pose depends on the matches and their
+    scores, not on the order the matcher listed them in, and the inliers come back in the caller's order; the
+    pose is as good as with uniform sampling."""
+    from dataclasses import replace
+
+    from feature_matching_ros.config import PoseConfig
+    from feature_matching_ros.geometry.pose import estimate_relative_pose
+
+    result = orb_aliked_lightglue.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1)
+    points0, points1 = result.matched_points()
+    scores = result.scores.astype(np.float64) + np.arange(len(result.scores)) * 1e-9  # no ties
+    shuffle = np.random.default_rng(0).permutation(len(scores))
+    config = PoseConfig()
+    ordered = estimate_relative_pose(points0, points1, motorcycle.K0, motorcycle.K1, config, scores=scores)
+    shuffled = estimate_relative_pose(points0[shuffle], points1[shuffle], motorcycle.K0, motorcycle.K1, config,
+                                      scores=scores[shuffle])
+    uniform = estimate_relative_pose(points0, points1, motorcycle.K0, motorcycle.K1, replace(config, sampling="uniform"),
+                                     scores=scores)
+    assert ordered.success and shuffled.success and uniform.success
+    np.testing.assert_array_equal(shuffled.inliers, ordered.inliers[shuffle])
+    np.testing.assert_allclose(shuffled.R, ordered.R, atol=1e-9)
+    for pose in (ordered, uniform):
+        assert rotation_error_deg(pose.R, motorcycle.R_1_0) < 1.0
+        assert translation_angle_deg(pose.t, motorcycle.t_1_0) < 3.0
+    assert abs(ordered.num_inliers - uniform.num_inliers) <= 0.05 * uniform.num_inliers
+
+
+def test_essential_decomposition_agrees_with_opencv_recover_pose(motorcycle, orb_aliked_lightglue):
+    """The closed-form cheirality test picks the decomposition OpenCV's recoverPose picks, with the same points
+    in front of both cameras (up to the odd point near infinity, where the two triangulations differ)."""
+    import cv2
+
+    from feature_matching_ros.geometry.pose import _normalise, _recover_pose
+
+    result = orb_aliked_lightglue.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1)
+    points0, points1 = result.matched_points()
+    rays0, rays1 = _normalise(points0.astype(np.float64), motorcycle.K0), _normalise(points1.astype(np.float64),
+                                                                                     motorcycle.K1)
+    E, mask = cv2.findEssentialMat(rays0[:, :2], rays1[:, :2], np.eye(3), method=cv2.USAC_MAGSAC,
+                                   threshold=1.0 / motorcycle.K0[0, 0])
+    inliers = mask.ravel() > 0
+    R, t, in_front = _recover_pose(E, rays0, rays1, inliers)
+    _, R_cv, t_cv, front_cv = cv2.recoverPose(E, rays0[inliers, :2], rays1[inliers, :2], np.eye(3))
+    np.testing.assert_allclose(R, R_cv, atol=1e-9)
+    np.testing.assert_allclose(t.ravel(), t_cv.ravel(), atol=1e-9)
+    assert not in_front[~inliers].any()
+    assert np.mean(in_front[inliers] == (front_cv.ravel() > 0)) >= 0.99
+    assert rotation_error_deg(R, motorcycle.R_1_0) < 1.0
+
+
 def test_stereo_pose_with_depth_is_metric(motorcycle, orb_aliked_lightglue):
     result = orb_aliked_lightglue.match_pair(motorcycle.image0, motorcycle.image1, motorcycle.K0, motorcycle.K1,
                                              depth0=motorcycle.depth0)

@@ -659,6 +659,7 @@ AUX_PARAMETERS = {"preset": "orb_bow_nn", "pipeline.features.max_keypoints": 256
                   "engine.min_inliers": 20, "engine.temporal_consistency": 1,
                   "engine.retrieval.exclude_recent_count": 0, "image_qos": "reliable", "distorted_images": "reject",
                   "image_stall_warn_s": 0.5, "keyframe_backlog_warn": 5, "diagnostics_period_s": 0.2,
+                  "describe_ahead": True,
                   "diagnostics_window_s": 2.0, "log_throttle_s": 0.0}
 
 
@@ -670,7 +671,8 @@ def aux(ros_context):
 
 
 def test_keyframes_are_never_dropped(aux, stereo):
-    """A burst of keyframes far faster than the matcher: every one is processed, in order (backlog, no drops)."""
+    """A burst of keyframes far faster than the matcher: every one is processed, in order (backlog, no drops),
+    each next one described while the current one verifies (describe_ahead)."""
     ids = list(range(100, 130))
     for offset, keyframe_id in enumerate(ids):
         image = np.roll(stereo["left"], 3 * offset, axis=1)
@@ -680,6 +682,8 @@ def test_keyframes_are_never_dropped(aux, stereo):
     assert counters["keyframes_processed"] >= len(ids) and not any(k.startswith("dropped.key") for k in counters)
     order = [k.id for k in aux.node.engine.database.keyframes if k.id in ids]
     assert order == ids
+    # While one keyframe verified, the next waiting one was already being described (DescribeAhead).
+    assert counters.get("keyframes.described_ahead", 0) >= len(ids) // 2, counters
 
 
 def test_distorted_images_are_refused_when_asked(aux, stereo):

@@ -44,11 +44,12 @@ refused (geometry/pose.py).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,9 @@ from feature_matching_ros.retrieval.global_descriptors import (BinaryVocabulary,
 from feature_matching_ros.retrieval.persistence import MapFormatError
 
 LOG = logging.getLogger(__name__)
+
+# What describe() returns: the keyframe (not yet inserted), its features on the device, and stage timings (ms).
+Described = tuple[Keyframe, Features, dict[str, float]]
 
 
 def _numpy_descriptors(features: Features) -> np.ndarray:
@@ -120,28 +124,33 @@ class LoopClosureEngine:
         self.places = PlaceLinks()
         self._pending_loops: dict[int, list[tuple[int, LoopClosure]]] = {}
         self._verification_pool = VerificationPool(self.config.verification_threads)
+        # The networks (extractor, matcher, a VLAD codebook on the device) serve one caller at a time, so the next
+        # keyframe may be described in another thread (engine/describe_ahead.py) while this one verifies. Code
+        # that calls self.pipeline directly from another thread holds it too.
+        self.network_lock = threading.Lock()
 
     # -------------------------------------------------------------------- keyframes
     def describe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
                  T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
-                 map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> tuple[Keyframe, Features, dict[str, float]]:
+                 map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None) -> Described:
         """Extract features and the global descriptor of an image; returns (keyframe, device features, timing).
         ``map_points``: the backend's sparse 3D for this keyframe, a :class:`MapPoints` or ((P, 2) keypoint
         pixels, (P, 3) camera-frame points in backend units)."""
         K = check_intrinsics(K)
         timing: dict[str, float] = {}
-        start = time.perf_counter()
-        features = self.pipeline.extract(image)
-        timing["extract"] = (time.perf_counter() - start) * 1e3
-        start = time.perf_counter()
-        # VLAD describes the descriptors where they are (the GPU's); the binary vocabulary works on the host.
-        descriptors = features.descriptors if self.codebook.kind == "vlad" else _numpy_descriptors(features)
-        global_descriptor = self.codebook(descriptors) if len(features) else np.zeros(self.codebook.dim, np.float32)
-        timing["global_descriptor"] = (time.perf_counter() - start) * 1e3
-        if keyframe_id is None:
-            keyframe_id = self._next_id
-        self._next_id = max(self._next_id, int(keyframe_id) + 1)
+        with self.network_lock:
+            start = time.perf_counter()
+            features = self.pipeline.extract(image)
+            timing["extract"] = (time.perf_counter() - start) * 1e3
+            start = time.perf_counter()
+            # VLAD describes the descriptors where they are (the GPU's); the binary vocabulary works on the host.
+            descriptors = features.descriptors if self.codebook.kind == "vlad" else _numpy_descriptors(features)
+            global_descriptor = (self.codebook(descriptors) if len(features)
+                                 else np.zeros(self.codebook.dim, np.float32))
+            timing["global_descriptor"] = (time.perf_counter() - start) * 1e3
+            if keyframe_id is None:
+                keyframe_id = self._next_id
+            self._next_id = max(self._next_id, int(keyframe_id) + 1)
         keyframe = Keyframe.from_features(keyframe_id, stamp_ns, features, K, global_descriptor, T_map_camera,
                                           depth if self.config.store_depth else None)
         if self.pipeline.needs_images:
@@ -156,15 +165,25 @@ class LoopClosureEngine:
     def process_keyframe(self, image: np.ndarray, K: np.ndarray, stamp_ns: int, keyframe_id: int | None = None,
                          T_map_camera: np.ndarray | None = None, depth: np.ndarray | None = None,
                          exclude_ids: set[int] | None = None, insert: bool = True,
-                         map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None) -> KeyframeResult:
+                         map_points: MapPoints | tuple[np.ndarray, np.ndarray] | None = None,
+                         described: Described | None = None,
+                         after_matching: Callable[[], None] | None = None) -> KeyframeResult:
         """Detect loops for a new keyframe, then insert it. ``exclude_ids``: covisible keyframes to skip;
-        ``map_points``: the backend's sparse 3D of the keyframe (see ``describe``; monocular Sim3 loops)."""
+        ``map_points``: the backend's sparse 3D of the keyframe (see ``describe``; monocular Sim3 loops);
+        ``described``: what ``describe`` already returned for these arguments (DescribeAhead), else it runs here;
+        ``after_matching``: called once when this keyframe no longer needs the networks (its candidates are
+        matched; verification on the host follows), where the next keyframe's description may start."""
         start_total = time.perf_counter()
-        keyframe, features, timing = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth, map_points)
-        result = self.detect_loops(keyframe, features, exclude_ids, timing)
+        described_ahead = described is not None
+        if described is None:
+            described = self.describe(image, K, stamp_ns, keyframe_id, T_map_camera, depth, map_points)
+        keyframe, features, timing = described
+        result = self.detect_loops(keyframe, features, exclude_ids, timing, after_matching)
         if insert:
             self.insert(keyframe)
-        result.timing_ms["total"] = (time.perf_counter() - start_total) * 1e3
+        # The keyframe's own work: a description made ahead counts with its own duration, not the wait for it.
+        result.timing_ms["total"] = (time.perf_counter() - start_total) * 1e3 + (
+            timing["extract"] + timing["global_descriptor"] if described_ahead else 0.0)
         return result
 
     def insert(self, keyframe: Keyframe) -> None:
@@ -243,16 +262,19 @@ class LoopClosureEngine:
         return [View(features=query_features if query_features is not None and i == 0 else k.to_features(device))
                 for i, k in enumerate(keyframes)]
 
-    def _verify(self, keyframe: Keyframe, features: Features, candidates: list[Candidate],
-                timing: dict[str, float], check_odometry: bool = True, source_position: int | None = None
-                ) -> list[LoopClosure]:
+    def _verify(self, keyframe: Keyframe, features: Features | None, candidates: list[Candidate],
+                timing: dict[str, float], check_odometry: bool = True, source_position: int | None = None,
+                after_matching: Callable[[], None] | None = None) -> list[LoopClosure]:
         stored = [self.database.keyframes[c.position] for c in candidates]
-        start = time.perf_counter()
-        query_view, *candidate_views = self._views([keyframe, *stored], features)
-        pairs = self.pipeline.correspond(query_view, candidate_views)
-        if self.pipeline.device.type == "cuda":
-            torch.cuda.synchronize(self.pipeline.device)
-        timing["match"] = (time.perf_counter() - start) * 1e3
+        with self.network_lock:
+            start = time.perf_counter()
+            query_view, *candidate_views = self._views([keyframe, *stored], features)
+            pairs = self.pipeline.correspond(query_view, candidate_views)
+            if self.pipeline.device.type == "cuda":
+                torch.cuda.synchronize(self.pipeline.device)
+            timing["match"] = (time.perf_counter() - start) * 1e3
+        if after_matching is not None:
+            after_matching()
         start = time.perf_counter()
         predictions = (self._predict_from_graph(keyframe, {c.position for c in candidates}, source_position)
                        if check_odometry else {})
@@ -332,9 +354,8 @@ class LoopClosureEngine:
         candidates = [Candidate(self.database.position_of(i), i, 0.0) for i in candidate_ids]
         timing: dict[str, float] = {}
         loops = []
-        if candidates:
-            features = None if self.pipeline.needs_images else keyframe.to_features(self.pipeline.device)
-            loops = self._verify(keyframe, features, candidates, timing,
+        if candidates:  # no query features: _verify makes them from the stored keyframe
+            loops = self._verify(keyframe, None, candidates, timing,
                                  source_position=self.database.position_of(query_id))
         timing["total"] = (time.perf_counter() - start_total) * 1e3
         return KeyframeResult(keyframe.id, keyframe.stamp_ns, loops, "ok" if loops else "no candidates", timing)
@@ -397,19 +418,20 @@ class LoopClosureEngine:
         return min(len(query), len(candidate))
 
     def detect_loops(self, keyframe: Keyframe, features: Features, exclude_ids: set[int] | None = None,
-                     timing: dict[str, float] | None = None) -> KeyframeResult:
+                     timing: dict[str, float] | None = None, after_matching: Callable[[], None] | None = None
+                     ) -> KeyframeResult:
         timing = timing if timing is not None else {}
         start = time.perf_counter()
         candidates = self.database.query(keyframe.global_descriptor, keyframe.stamp_ns, exclude_ids=exclude_ids)
         timing["retrieve"] = (time.perf_counter() - start) * 1e3
-        if len(keyframe) == 0:
+        if len(keyframe) == 0 or not candidates:
+            if after_matching is not None:
+                after_matching()
             self._remember(set())
-            return KeyframeResult(keyframe.id, keyframe.stamp_ns, [], "no keypoints in the keyframe", timing)
-        if not candidates:
-            self._remember(set())
-            reason = "database empty" if not len(self.database) else "no eligible candidates outside the exclusion window"
+            reason = ("no keypoints in the keyframe" if len(keyframe) == 0 else "database empty"
+                      if not len(self.database) else "no eligible candidates outside the exclusion window")
             return KeyframeResult(keyframe.id, keyframe.stamp_ns, [], reason, timing)
-        loops = self._verify(keyframe, features, candidates, timing)
+        loops = self._verify(keyframe, features, candidates, timing, after_matching=after_matching)
         self._reject_ambiguous(loops)
         self._apply_temporal_consistency(loops)
         # A metric constraint (full information) serves the backend better than a monocular one at the same place.

@@ -57,12 +57,12 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
                             inliers=np.zeros(len(correspondences), bool))
     if _has_depth(depth_match):
         pose = pose_from_points3d(backproject(match_pixels, depth_match, K_match), query_pixels, K_query, config,
-                                  K_source=K_match)
+                                  K_source=K_match, scores=correspondences.scores)
         if pose.success or not _has_depth(depth_query):
             return invert_relative_pose(pose)
     if _has_depth(depth_query):
         return pose_from_points3d(backproject(query_pixels, depth_query, K_query), match_pixels, K_match, config,
-                                  K_source=K_query)
+                                  K_source=K_query, scores=correspondences.scores)
     if points3d_query is not None and points3d_match is not None:
         # Too few matches with a map point on both sides says nothing against the pair: the essential matrix
         # still verifies it. With enough of them, a Sim3 without consensus is a rejection.
@@ -71,7 +71,7 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
             pose = estimate_sim3(points3d_query, points3d_match, query_pixels, match_pixels, K_query, K_match, config)
             if not pose.success or _scale_sigma(pose) <= config.sim3_max_scale_sigma:
                 return pose
-    return estimate_relative_pose(query_pixels, match_pixels, K_query, K_match, config)
+    return estimate_relative_pose(query_pixels, match_pixels, K_query, K_match, config, scores=correspondences.scores)
 
 
 T = TypeVar("T")

@@ -15,6 +15,9 @@ many inliers cost few iterations. Pairs without a good model run to the cap; :fu
 the cap from ``max_iterations`` to what finds a model with ``PoseConfig.min_inlier_ratio`` (the caller's
 acceptance floor) with that confidence, so a hopeless pair costs hundreds of iterations instead of 10,000. A
 best model below that floor is then reported as such ("inlier ratio ... < min_inlier_ratio"), never as a pose.
+With the matcher's confidence per match (``scores``) and ``PoseConfig.sampling="confidence"`` (the default),
+every RANSAC here samples the most confident matches first (PROSAC): a good pair finds its model in the first few samples and USAC stops early. On real loop
+candidates this cut the essential-matrix search 2-3x with the same poses (benchmarks/verification.py).
 
 Failures are results, not exceptions: too few matches or inliers are returned with ``success=False`` and a
 reason. When a homography explains the matches as well as the essential matrix (pure rotation or a single
@@ -148,22 +151,53 @@ def _below_ratio_floor(num_inliers: int, count: int, config: PoseConfig, estimat
             f"{ransac_iterations(config, sample_size, floor)} iterations at most for confidence {config.confidence})")
 
 
-def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """RANSAC (USAC_MAGSAC) PnP then Levenberg-Marquardt refinement on inliers. Returns R, t, inlier mask."""
+def _usac(threshold: float, confidence: float, max_iterations: int, ordered: bool) -> cv2.UsacParams:
+    """USAC with MAGSAC++ scoring and sigma-consensus local optimisation. ``ordered``: the inputs come most
+    confident first, and the sampler draws from the top of that order first (PROSAC) instead of uniformly."""
     params = cv2.UsacParams()
-    params.sampler = cv2.SAMPLING_UNIFORM
+    params.sampler = cv2.SAMPLING_PROSAC if ordered else cv2.SAMPLING_UNIFORM
     params.score = cv2.SCORE_METHOD_MAGSAC
     params.loMethod = cv2.LOCAL_OPTIM_SIGMA
-    params.threshold = config.pnp_threshold_px
-    params.confidence = config.confidence
-    params.maxIterations = ransac_iterations(config, PNP_SAMPLE)
-    ok, _, rvec, tvec, inlier_idx = cv2.solvePnPRansac(points3d.astype(np.float64), pixels.astype(np.float64), K,
-                                                       None, params=params)
+    params.threshold = threshold
+    params.confidence = confidence
+    params.maxIterations = max_iterations
+    return params
+
+
+def _confidence_order(scores: np.ndarray | None, count: int) -> np.ndarray | None:
+    """Indices of the ``count`` inputs by decreasing match confidence (stable), or None without scores."""
+    if scores is None:
+        return None
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if len(scores) != count:
+        raise ValueError(f"scores has {len(scores)} entries for {count} matches")
+    return np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+
+
+def _in_input_order(mask: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """A RANSAC inlier mask over confidence-ordered inputs, back in the callers' order."""
+    mask = mask.ravel().astype(bool)
+    if order is None:
+        return mask
+    unordered = np.empty_like(mask)
+    unordered[order] = mask
+    return unordered
+
+
+def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig,
+         scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """RANSAC (USAC_MAGSAC) PnP then Levenberg-Marquardt refinement on inliers. Returns R, t, inlier mask."""
+    order = _confidence_order(scores, len(points3d))
+    sorted_points, sorted_pixels = ((points3d, pixels) if order is None else (points3d[order], pixels[order]))
+    params = _usac(config.pnp_threshold_px, config.confidence, ransac_iterations(config, PNP_SAMPLE),
+                   ordered=order is not None)
+    ok, _, rvec, tvec, inlier_idx = cv2.solvePnPRansac(sorted_points.astype(np.float64),
+                                                       sorted_pixels.astype(np.float64), K, None, params=params)
     if not ok or inlier_idx is None or len(inlier_idx) < 4:
         return None
     inliers = np.zeros(len(points3d), dtype=bool)
     inliers[inlier_idx.ravel()] = True
+    inliers = _in_input_order(inliers, order)
     rvec, tvec = cv2.solvePnPRefineLM(points3d[inliers], pixels[inliers].astype(np.float64), K, None, rvec, tvec)
     return cv2.Rodrigues(rvec)[0], tvec.ravel(), inliers
 
@@ -205,8 +239,10 @@ def estimate_relative_pose(
     config: PoseConfig | None = None,
     depth0: np.ndarray | None = None,
     depth1: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> RelativePose:
-    """Pose T_1_0 from matched pixels ``keypoints0[i] <-> keypoints1[i]`` (both (M, 2)).
+    """Pose T_1_0 from matched pixels ``keypoints0[i] <-> keypoints1[i]`` (both (M, 2)); ``scores``: (M,) match
+    confidence (RANSAC samples the most confident first), or None.
 
     With ``depth0`` (metres, aligned with image 0) PnP solves for T_1_0 directly; with only ``depth1``
     it solves T_0_1 and inverts. Without depth: essential matrix (USAC_MAGSAC) + cheirality (recoverPose).
@@ -223,9 +259,11 @@ def estimate_relative_pose(
     if count < config.min_matches:
         return RelativePose(False, f"too few matches: {count} < min_matches={config.min_matches}",
                             inliers=np.zeros(count, dtype=bool))
+    if config.sampling != "confidence":
+        scores = None
     if depth0 is not None or depth1 is not None:
-        return _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1)
-    return _pose_essential(keypoints0, keypoints1, K0, K1, config)
+        return _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1, scores)
+    return _pose_essential(keypoints0, keypoints1, K0, K1, config, scores)
 
 
 def backproject(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -236,16 +274,17 @@ def backproject(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndar
 
 
 def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig,
-                       K_source: np.ndarray | None = None) -> RelativePose:
+                       K_source: np.ndarray | None = None, scores: np.ndarray | None = None) -> RelativePose:
     """T_dst_src by PnP from (M, 3) points in the source camera (NaN rows = no depth) to (M, 2) pixels of the
     destination camera with intrinsics K; inliers index the M rows. ``K_source`` (the camera the points were
-    lifted in) lets the information model the keypoint noise of both images."""
+    lifted in) lets the information model the keypoint noise of both images; ``scores`` (M,) match confidence."""
     count = len(points3d)
     valid = np.isfinite(points3d).all(1) & (points3d[:, 2] >= config.min_depth) & (points3d[:, 2] <= config.max_depth)
     if valid.sum() < config.min_matches:
         return RelativePose(False, f"too few matches with valid depth: {int(valid.sum())} < {config.min_matches}",
                             inliers=np.zeros(count, bool), method="pnp")
-    solution = _pnp(points3d[valid], pixels[valid], K, config)
+    ordered = scores is not None and config.sampling == "confidence"
+    solution = _pnp(points3d[valid], pixels[valid], K, config, np.asarray(scores)[valid] if ordered else None)
     if solution is None:
         return RelativePose(False, "PnP RANSAC found no pose", inliers=np.zeros(count, bool), method="pnp")
     R, t, inliers_valid = solution
@@ -273,29 +312,30 @@ def invert_relative_pose(pose: RelativePose) -> RelativePose:
                         pose.metric, pose.method)
 
 
-def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> RelativePose:
+def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1, scores) -> RelativePose:
     """PnP from the view with depth; with only depth1 it solves T_0_1 and inverts."""
     if depth0 is not None:
         points3d, valid = lift_to_3d(keypoints0, np.asarray(depth0), K0, config)
         points3d[~valid] = np.nan
-        return pose_from_points3d(points3d, keypoints1, K1, config, K_source=K0)
+        return pose_from_points3d(points3d, keypoints1, K1, config, K_source=K0, scores=scores)
     points3d, valid = lift_to_3d(keypoints1, np.asarray(depth1), K1, config)
     points3d[~valid] = np.nan
-    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config, K_source=K1))
+    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config, K_source=K1, scores=scores))
 
 
-def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
+def _pose_essential(keypoints0, keypoints1, K0, K1, config, scores=None) -> RelativePose:
     count = len(keypoints0)
     rays0, rays1 = _normalise(keypoints0, K0), _normalise(keypoints1, K1)
     mean_focal = float(np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]]))
     threshold = config.ransac_threshold_px / mean_focal
-    E, mask = cv2.findEssentialMat(rays0[:, :2], rays1[:, :2], np.eye(3), method=cv2.USAC_MAGSAC,
-                                   prob=config.confidence, threshold=threshold,
-                                   maxIters=ransac_iterations(config, ESSENTIAL_SAMPLE,
-                                                              config.min_inlier_ratio_monocular))
+    order = _confidence_order(scores, count)
+    sorted0, sorted1 = (rays0[:, :2], rays1[:, :2]) if order is None else (rays0[order, :2], rays1[order, :2])
+    params = _usac(threshold, config.confidence,
+                   ransac_iterations(config, ESSENTIAL_SAMPLE, config.min_inlier_ratio_monocular), order is not None)
+    E, mask = cv2.findEssentialMat(sorted0, sorted1, np.eye(3), np.eye(3), None, None, params)
     if E is None or mask is None or E.shape != (3, 3):
         return RelativePose(False, "essential matrix estimation failed", inliers=np.zeros(count, dtype=bool))
-    e_inliers = mask.ravel().astype(bool)
+    e_inliers = _in_input_order(mask, order)
     if e_inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few essential-matrix inliers: {int(e_inliers.sum())} < "
                             f"min_inliers={config.min_inliers}", inliers=e_inliers, method="essential")
@@ -307,24 +347,60 @@ def _pose_essential(keypoints0, keypoints1, K0, K1, config) -> RelativePose:
     # rotated; the essential matrix is then ill-posed, and the homography gives the pose instead (the rotation
     # always; the translation direction only when there is parallax). For loop closure these pairs matter:
     # revisits from nearly the same spot have little parallax, and corridors and facades are planes.
-    # The homography matters once it explains homography_ratio of the essential inliers: its search floor.
-    H, h_mask = cv2.findHomography(rays0[:, :2], rays1[:, :2], cv2.USAC_MAGSAC, threshold * 2.0,
-                                   maxIters=ransac_iterations(config, HOMOGRAPHY_SAMPLE, config.homography_ratio
-                                                              * config.min_inlier_ratio_monocular),
-                                   confidence=config.confidence)
+    # The homography matters once it explains homography_ratio of the essential inliers: that ratio of the matches
+    # is its search floor, so a pair with parallax stops looking for a homography after a few hundred samples.
+    homography_floor = config.homography_ratio * float(e_inliers.sum()) / count
+    H, h_mask = cv2.findHomography(sorted0, sorted1, _usac(
+        threshold * 2.0, config.confidence, ransac_iterations(config, HOMOGRAPHY_SAMPLE, homography_floor),
+        order is not None))
     if H is not None and h_mask is not None:
-        h_inliers = h_mask.ravel().astype(bool)
+        h_inliers = _in_input_order(h_mask, order)
         if h_inliers.sum() >= config.homography_ratio * int(e_inliers.sum()):
-            _, R_essential, _, _ = cv2.recoverPose(E, rays0[:, :2], rays1[:, :2], np.eye(3), mask=mask.copy())
+            R_essential = _recover_pose(E, rays0, rays1, e_inliers)[0]
             return _pose_homography(H, h_inliers, rays0, rays1, mean_focal, config, R_essential)
-    _, R, t, pose_mask = cv2.recoverPose(E, rays0[:, :2], rays1[:, :2], np.eye(3), mask=mask.copy())
-    inliers = e_inliers & (pose_mask.ravel() > 0)
+    R, t, inliers = _recover_pose(E, rays0, rays1, e_inliers)
     if inliers.sum() < config.min_inliers:
         return RelativePose(False, f"too few inliers in front of both cameras: {int(inliers.sum())}",
                             inliers=inliers, method="essential")
     t = t.ravel() / max(np.linalg.norm(t), 1e-12)
     information = _direction_information(R, t, rays0[inliers], rays1[inliers], mean_focal)
     return RelativePose(True, "ok", R, t, inliers, information, metric=False, method="essential")
+
+
+# Triangulated points farther than this many baselines count as at infinity, in front of neither camera (the
+# distance OpenCV's recoverPose uses): they cannot tell the decompositions apart.
+_AT_INFINITY_BASELINES = 50.0
+
+
+def _recover_pose(E: np.ndarray, rays0: np.ndarray, rays1: np.ndarray, inliers: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The decomposition (R, unit t) of E that puts the most inliers in front of both cameras, and those inliers
+    (a mask over all rays): OpenCV's recoverPose decision, with the depths of each ray pair in closed form.
+
+    recoverPose triangulates every point with an SVD for each of the four decompositions: about 4 ms for 600
+    inliers, a third of a keyframe's verification. For unit rays x0, x1 and X1 = d0 R x0 + t = d1 x1, the depths
+    follow from two cross products, vectorised over all points and decompositions.
+    """
+    R_a, R_b, t = cv2.decomposeEssentialMat(E)
+    t = t.ravel() / max(np.linalg.norm(t), 1e-12)
+    index = np.flatnonzero(inliers)
+    x0, x1 = rays0[index], rays1[index]
+    best = None
+    for R, translation in ((R_a, t), (R_b, t), (R_a, -t), (R_b, -t)):
+        rotated = x0 @ R.T  # R x0
+        normal = np.cross(x1, rotated)  # x1 x R x0
+        squared = np.einsum("ij,ij->i", normal, normal) + 1e-300
+        depth0 = -np.einsum("ij,ij->i", np.cross(x1, translation), normal) / squared
+        depth1 = np.einsum("ij,ij->i", np.cross(rotated, translation), -normal) / squared
+        z0 = depth0 * x0[:, 2]
+        z1 = depth1 * x1[:, 2]
+        in_front = (z0 > 0) & (z0 < _AT_INFINITY_BASELINES) & (z1 > 0) & (z1 < _AT_INFINITY_BASELINES)
+        if best is None or in_front.sum() > best[2].sum():
+            best = (R, translation, in_front)
+    R, translation, in_front = best
+    mask = np.zeros(len(rays0), dtype=bool)
+    mask[index[in_front]] = True
+    return R, translation.reshape(3, 1), mask
 
 
 def _direction_information(R: np.ndarray, t: np.ndarray, rays0: np.ndarray, rays1: np.ndarray,

@@ -49,6 +49,7 @@ class ParameterSpec:
 _ALLOWED: dict[str, str] = {
     "pipeline.device": ", ".join(core_config.DEVICES),
     "pipeline.precision": ", ".join(core_config.PRECISIONS),
+    "pipeline.pose.sampling": ", ".join(core_config.RANSAC_SAMPLING),
     "pipeline.features.detector": ", ".join(core_config.DETECTORS),
     "pipeline.features.descriptor": ", ".join(core_config.DESCRIPTORS),
     "pipeline.features.orb_backend": ", ".join(core_config.ORB_BACKENDS),
@@ -108,6 +109,12 @@ NODE_PARAMETERS: list[ParameterSpec] = [
                   "in an unbounded first-in first-out backlog (keyframes are map data). Above this many waiting, "
                   "diagnostics warn (the matcher is slower than the backend's keyframe rate).",
                   value_range=(1, 1_000_000)),
+    ParameterSpec("describe_ahead", False, "While a keyframe verifies on the host (RANSAC, checks), describe the "
+                  "next waiting keyframe (features, global descriptor) in a second thread; results are the same. "
+                  "Off by default: measured on a backlog, it drained no faster on an H200 (0.99-1.01x with "
+                  "orb_lightglue, 0.84x with aliked_lightglue) nor on CPU cores (0.57-0.77x on 2 cores), because "
+                  "both halves are mostly Python work under one interpreter lock; try it where extraction is "
+                  "mostly device time (benchmarks/keyframe_latency.py prints both rates)."),
     ParameterSpec("image_queue_size", 2, "Images waiting for relocalization; when full the oldest is dropped, "
                   "counted and logged (never fall behind the camera).", value_range=(1, 1_000)),
     ParameterSpec("image_qos", "sensor_data", "QoS of the image, camera_info and depth subscriptions: "

@@ -31,7 +31,9 @@ parameters stop the node at startup with the name and the allowed values.
 
 Threading: subscription callbacks only convert and validate (cheap) and push work into the work queue
 (work_queue.py): keyframes and candidate requests wait in an unbounded FIFO backlog and are never dropped;
-images are bounded, newest wins, the dropped ones counted and logged. One worker thread runs the engine.
+images are bounded, newest wins, the dropped ones counted and logged. One worker thread runs the engine; with
+describe_ahead, the next waiting keyframe is described (features, global descriptor; engine/describe_ahead.py)
+in a second thread while the current one verifies on the host.
 Services run on their own callback group and share the engine with the worker through a lock.
 
 Bad input (unsupported encoding, undecodable compressed image, step mismatch, empty image, missing/invalid camera info, distortion it cannot
@@ -69,6 +71,7 @@ from feature_matching_ros.image import ImageError
 from feature_matching_ros.msg import Keyframe, LoopCandidates, LoopClosure, Matches
 from feature_matching_ros.engine import LoopClosure as LoopRecord
 from feature_matching_ros.engine import Relocalization
+from feature_matching_ros.engine.describe_ahead import DescribeAhead
 from feature_matching_ros.retrieval.global_descriptors import CodebookError
 from feature_matching_ros.retrieval.persistence import MapFormatError
 from feature_matching_ros.ros import conversions as conv
@@ -117,6 +120,16 @@ class _Frame:
     def nbytes(self) -> int:
         arrays = [self.image, self.depth, *(self.map_points or ())]
         return sum(array.nbytes for array in arrays if array is not None)
+
+
+def _describe_key(frame: _Frame) -> tuple[int, int]:
+    return frame.keyframe_id, frame.stamp_ns
+
+
+def _describe_arguments(frame: _Frame) -> dict[str, Any]:
+    """engine.describe's arguments for a keyframe."""
+    return dict(image=frame.image, K=frame.K, stamp_ns=frame.stamp_ns, keyframe_id=frame.keyframe_id,
+                T_map_camera=frame.T_map_camera, depth=frame.depth, map_points=frame.map_points)
 
 
 class _LatencyStats:
@@ -170,6 +183,8 @@ class RelocalizationNode(NodeServices, Node):
         self._undistort_lock = threading.Lock()
         self._engine_lock = threading.Lock()
         self._queue = WorkQueue(values["image_queue_size"])
+        self._describe_ahead = DescribeAhead(self.engine)
+        self._describe_ahead_on: bool = values["describe_ahead"]
         # Camera frame per keyframe id (Matches.frame_id1), a bounded cache of downscaled keyframe images for
         # debug images (the map stores features, not images) and the accepted loops for the rviz markers.
         self._camera_frames: OrderedDict[int, str] = OrderedDict()
@@ -346,6 +361,7 @@ class RelocalizationNode(NodeServices, Node):
         self._queue.stop()
         if self._worker.is_alive():
             self._worker.join(timeout=30.0)
+        self._describe_ahead.close()
 
     def destroy_node(self) -> None:
         self.stop()
@@ -446,10 +462,17 @@ class RelocalizationNode(NodeServices, Node):
                 self.engine.update_poses({frame.keyframe_id: frame.T_map_camera})
                 self._count("keyframes.pose_updates")
                 return
+        described = self._describe_ahead.take(_describe_key(frame))
+        if described is None:
+            described = self.engine.describe(**_describe_arguments(frame))
+        else:
+            self._count("keyframes.described_ahead")
+        with self._engine_lock:
             insert = len(self.engine.database) < self._max_keyframes
             result = self.engine.process_keyframe(frame.image, frame.K, frame.stamp_ns, keyframe_id=frame.keyframe_id,
                                                   T_map_camera=frame.T_map_camera, depth=frame.depth, insert=insert,
-                                                  map_points=frame.map_points)
+                                                  map_points=frame.map_points, described=described,
+                                                  after_matching=self._describe_next_keyframe)
         self._latency.add_all({f"keyframe.{k}": v for k, v in result.timing_ms.items()})
         self._count("keyframes_processed")
         if insert:
@@ -460,6 +483,13 @@ class RelocalizationNode(NodeServices, Node):
             self._warn("map_full", f"map holds max_keyframes={self._max_keyframes}: keyframe {frame.keyframe_id} "
                        "was checked for loops but not inserted")
         self._publish_loops(result.candidates, frame)
+
+    def _describe_next_keyframe(self) -> None:
+        """Start describing the next waiting keyframe while this one verifies (DescribeAhead): called by the engine
+        once the current keyframe's candidates are matched and the networks are free."""
+        waiting = self._queue.peek_map() if self._describe_ahead_on else None
+        if waiting is not None and waiting.kind == "keyframe":
+            self._describe_ahead.start(_describe_key(waiting.payload), **_describe_arguments(waiting.payload))
 
     def _remember_keyframe(self, frame: _Frame) -> None:
         self._camera_frames[frame.keyframe_id] = frame.camera_frame

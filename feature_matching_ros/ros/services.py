@@ -43,7 +43,7 @@ class NodeServices:
             depth0 = None if depth0 is None else self._undistort(depth0, model0, nearest=True)
             depth1 = None if depth1 is None else self._undistort(depth1, model1, nearest=True)
             start = time.perf_counter()
-            with self._engine_lock:
+            with self._engine_lock, self.engine.network_lock:
                 result = self.engine.pipeline.match_pair(image0, image1, K0, K1, depth0, depth1)
             self._latency.add("match_images", (time.perf_counter() - start) * 1e3)
         except conv.ConversionError as error:

@@ -70,6 +70,11 @@ class WorkQueue:
                 return job
             return self._images.popleft()
 
+    def peek_map(self) -> Job | None:
+        """The next map job without taking it (the worker prepares it while finishing the current one), or None."""
+        with self._condition:
+            return self._map[0] if self._map else None
+
     def stop(self) -> None:
         with self._condition:
             self._stopping = True
