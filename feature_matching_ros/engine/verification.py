@@ -57,12 +57,12 @@ def verify_pair(correspondences: Correspondences, depth_query: np.ndarray | None
                             inliers=np.zeros(len(correspondences), bool))
     if _has_depth(depth_match):
         pose = pose_from_points3d(backproject(match_pixels, depth_match, K_match), query_pixels, K_query, config,
-                                  K_source=K_match, scores=correspondences.scores)
+                                  K_source=K_match)
         if pose.success or not _has_depth(depth_query):
             return invert_relative_pose(pose)
     if _has_depth(depth_query):
         return pose_from_points3d(backproject(query_pixels, depth_query, K_query), match_pixels, K_match, config,
-                                  K_source=K_query, scores=correspondences.scores)
+                                  K_source=K_query)
     if points3d_query is not None and points3d_match is not None:
         # Too few matches with a map point on both sides says nothing against the pair: the essential matrix
         # still verifies it. With enough of them, a Sim3 without consensus is a rejection.

@@ -16,8 +16,11 @@ the cap from ``max_iterations`` to what finds a model with ``PoseConfig.min_inli
 acceptance floor) with that confidence, so a hopeless pair costs hundreds of iterations instead of 10,000. A
 best model below that floor is then reported as such ("inlier ratio ... < min_inlier_ratio"), never as a pose.
 With the matcher's confidence per match (``scores``) and ``PoseConfig.sampling="confidence"`` (the default),
-every RANSAC here samples the most confident matches first (PROSAC): a good pair finds its model in the first few samples and USAC stops early. On real loop
-candidates this cut the essential-matrix search 2-3x with the same poses (benchmarks/verification.py).
+the essential-matrix and homography RANSACs sample the most confident matches first (PROSAC): a good pair
+finds its model in the first samples and USAC stops early. On 354 real loop candidates this made one pair's
+monocular pose 3.6x faster with the same poses (benchmarks/results/keyframe_latency_gpu.md). PnP keeps uniform
+sampling: it was not where verification time went, and on rendered RGB-D sequences the changed samples moved
+two loops across the odometry gate's margin.
 
 Failures are results, not exceptions: too few matches or inliers are returned with ``success=False`` and a
 reason. When a homography explains the matches as well as the essential matrix (pure rotation or a single
@@ -184,20 +187,17 @@ def _in_input_order(mask: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return unordered
 
 
-def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig,
-         scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """RANSAC (USAC_MAGSAC) PnP then Levenberg-Marquardt refinement on inliers. Returns R, t, inlier mask."""
-    order = _confidence_order(scores, len(points3d))
-    sorted_points, sorted_pixels = ((points3d, pixels) if order is None else (points3d[order], pixels[order]))
-    params = _usac(config.pnp_threshold_px, config.confidence, ransac_iterations(config, PNP_SAMPLE),
-                   ordered=order is not None)
-    ok, _, rvec, tvec, inlier_idx = cv2.solvePnPRansac(sorted_points.astype(np.float64),
-                                                       sorted_pixels.astype(np.float64), K, None, params=params)
+def _pnp(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """RANSAC (USAC_MAGSAC, uniform sampling) PnP then Levenberg-Marquardt refinement on inliers. Returns R, t,
+    inlier mask."""
+    params = _usac(config.pnp_threshold_px, config.confidence, ransac_iterations(config, PNP_SAMPLE), ordered=False)
+    ok, _, rvec, tvec, inlier_idx = cv2.solvePnPRansac(points3d.astype(np.float64), pixels.astype(np.float64), K,
+                                                       None, params=params)
     if not ok or inlier_idx is None or len(inlier_idx) < 4:
         return None
     inliers = np.zeros(len(points3d), dtype=bool)
     inliers[inlier_idx.ravel()] = True
-    inliers = _in_input_order(inliers, order)
     rvec, tvec = cv2.solvePnPRefineLM(points3d[inliers], pixels[inliers].astype(np.float64), K, None, rvec, tvec)
     return cv2.Rodrigues(rvec)[0], tvec.ravel(), inliers
 
@@ -262,7 +262,7 @@ def estimate_relative_pose(
     if config.sampling != "confidence":
         scores = None
     if depth0 is not None or depth1 is not None:
-        return _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1, scores)
+        return _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1)
     return _pose_essential(keypoints0, keypoints1, K0, K1, config, scores)
 
 
@@ -274,17 +274,16 @@ def backproject(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndar
 
 
 def pose_from_points3d(points3d: np.ndarray, pixels: np.ndarray, K: np.ndarray, config: PoseConfig,
-                       K_source: np.ndarray | None = None, scores: np.ndarray | None = None) -> RelativePose:
+                       K_source: np.ndarray | None = None) -> RelativePose:
     """T_dst_src by PnP from (M, 3) points in the source camera (NaN rows = no depth) to (M, 2) pixels of the
     destination camera with intrinsics K; inliers index the M rows. ``K_source`` (the camera the points were
-    lifted in) lets the information model the keypoint noise of both images; ``scores`` (M,) match confidence."""
+    lifted in) lets the information model the keypoint noise of both images."""
     count = len(points3d)
     valid = np.isfinite(points3d).all(1) & (points3d[:, 2] >= config.min_depth) & (points3d[:, 2] <= config.max_depth)
     if valid.sum() < config.min_matches:
         return RelativePose(False, f"too few matches with valid depth: {int(valid.sum())} < {config.min_matches}",
                             inliers=np.zeros(count, bool), method="pnp")
-    ordered = scores is not None and config.sampling == "confidence"
-    solution = _pnp(points3d[valid], pixels[valid], K, config, np.asarray(scores)[valid] if ordered else None)
+    solution = _pnp(points3d[valid], pixels[valid], K, config)
     if solution is None:
         return RelativePose(False, "PnP RANSAC found no pose", inliers=np.zeros(count, bool), method="pnp")
     R, t, inliers_valid = solution
@@ -312,15 +311,15 @@ def invert_relative_pose(pose: RelativePose) -> RelativePose:
                         pose.metric, pose.method)
 
 
-def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1, scores) -> RelativePose:
+def _pose_with_depth(keypoints0, keypoints1, K0, K1, config, depth0, depth1) -> RelativePose:
     """PnP from the view with depth; with only depth1 it solves T_0_1 and inverts."""
     if depth0 is not None:
         points3d, valid = lift_to_3d(keypoints0, np.asarray(depth0), K0, config)
         points3d[~valid] = np.nan
-        return pose_from_points3d(points3d, keypoints1, K1, config, K_source=K0, scores=scores)
+        return pose_from_points3d(points3d, keypoints1, K1, config, K_source=K0)
     points3d, valid = lift_to_3d(keypoints1, np.asarray(depth1), K1, config)
     points3d[~valid] = np.nan
-    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config, K_source=K1, scores=scores))
+    return invert_relative_pose(pose_from_points3d(points3d, keypoints0, K0, config, K_source=K1))
 
 
 def _pose_essential(keypoints0, keypoints1, K0, K1, config, scores=None) -> RelativePose:
