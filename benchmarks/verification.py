@@ -1,14 +1,15 @@
-"""Verification cost and verdicts on real sequences: the RANSAC budget and the thread pool, on the same matches.
+"""Verification cost and verdicts on real sequences: RANSAC budget, sampling and the thread pool, on the same matches.
 
     python benchmarks/verification.py --cache ~/.cache/feature_matching_ros/real --preset cpu \
         [--sequences kitti_out_and_back tum_fr1_rpy] [--max-frames 120] [--threads 1 2 4] \
-        [--out benchmarks/results/verification_cpu.md]
+        [--sampling confidence uniform] [--out benchmarks/results/verification_cpu.md]
 
 The preset's networks run ONCE per sequence: features and matches are remembered by content, and every variant
 replays the engine over the same keyframes with the same correspondences, so only verification differs:
   * budget ``full``: ``engine.ransac_floor=False``, RANSAC searches up to ``max_iterations`` (10,000);
   * budget ``floor`` (the default): the engine's min_inlier_ratio is the RANSAC floor (geometry/pose.py);
-each with every ``verification_threads`` of --threads. Candidates with fewer matches than the required support
+each with every ``verification_threads`` of --threads and every essential-matrix / homography sampling of
+--sampling (``pipeline.pose.sampling``: the matcher's most confident matches first, or uniform). Candidates with fewer matches than the required support
 are rejected before RANSAC in every variant (that rejection needs no measurement: inliers are a subset of the
 matches). Per variant: verification ms per keyframe (p50 / p90 / mean over keyframes with candidates; per
 keyframe the fastest of --repeats replays, so that other load on shared cores counts less),
@@ -122,12 +123,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-frames", type=int, default=None, help="first N images of each sequence")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--sampling", nargs="+", default=["confidence"], choices=("confidence", "uniform"))
     parser.add_argument("--repeats", type=int, default=3, help="replays per variant; per keyframe the fastest")
     parser.add_argument("--out", type=Path, help="write the table as markdown here")
     args = parser.parse_args()
     pipeline_config, engine_config = build_configs(args.preset, {"pipeline": {"device": args.device}})
     pipeline = MatchingPipeline(pipeline_config)
-    variants = [(budget, threads) for budget in ("full", "floor") for threads in args.threads]
+    variants = [(budget, threads, sampling) for sampling in args.sampling for budget in ("full", "floor")
+                for threads in args.threads]
     rows = []
     started = time.perf_counter()
     for name in args.sequences:
@@ -136,15 +139,16 @@ def main() -> int:
         # A first pass runs the networks and fills the memory; its verification times would carry their load.
         run_variant(remembering, engine_config, frames)
         reference = None
-        for budget, threads in variants:
+        for budget, threads, sampling in variants:
             config = EngineConfig.from_dict(merge(engine_config.to_dict(), {
                 "verification_threads": threads, "ransac_floor": budget == "floor"}))
+            pipeline.config.pose.sampling = sampling  # the engine reads the pose settings from its pipeline
             results, verify_ms = run_variant(remembering, config, frames)
             verify_ms = np.asarray(verify_ms)
             for _ in range(args.repeats - 1):  # per keyframe the fastest of the repeats: robust to other load
                 verify_ms = np.minimum(verify_ms, run_variant(remembering, config, frames)[1])
             candidates = [c for r in results for c in r.candidates]
-            row = {"sequence": name, "keyframes": len(frames), "budget": budget, "threads": threads,
+            row = {"sequence": name, "keyframes": len(frames), "budget": budget, "threads": threads, "sampling": sampling,
                    "candidates": len(candidates),
                    "rejected_before_ransac": sum(reason_code(c.reason).value == "support_out_of_reach"
                                                  for c in candidates),
@@ -156,19 +160,20 @@ def main() -> int:
             row |= compare(reference, results)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = ["# Verification on real sequences: RANSAC budget and thread pool, same matches", "",
+    lines = ["# Verification on real sequences: RANSAC budget, sampling and thread pool, same matches", "",
              f"Command: `python benchmarks/verification.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end (shared cores). "
              f"Wall time {time.perf_counter() - started:.0f} s.", "",
              f"Preset {args.preset} on {args.device}. Budget `full` = RANSAC up to max_iterations, `floor` = capped "
              "at the engine's min_inlier_ratio (default). Changes are counted against the first row of each "
              "sequence: verdict = (accepted, reason code); pose = largest difference of loops both accept.", "",
-             "| sequence | keyframes | budget | threads | candidates | rejected before RANSAC | accepted | verify p50 ms "
-             "| p90 ms | mean ms | verdict changes | reason text changes | max pose diff deg / t |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| sequence | keyframes | sampling | budget | threads | candidates | rejected before RANSAC | accepted | "
+             "verify p50 ms | p90 ms | mean ms | verdict changes | reason text changes | max pose diff deg / t |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['sequence']} | {r['keyframes']} | {r['budget']} | {r['threads']} | {r['candidates']} | "
+        lines.append(f"| {r['sequence']} | {r['keyframes']} | {r['sampling']} | {r['budget']} | {r['threads']} | "
+                     f"{r['candidates']} | "
                      f"{r['rejected_before_ransac']} | {r['accepted']} | {cell(r['verify_p50_ms'])} | "
                      f"{cell(r['verify_p90_ms'])} | {cell(r['verify_mean_ms'])} | {r['verdict_changes']} | "
                      f"{r['reason_text_changes']} | {r['max_pose_rotation_deg']:.3f} / "
