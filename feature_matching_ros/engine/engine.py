@@ -37,6 +37,10 @@ acceptance stacks checks that scale with what the pair can show rather than per-
      at the same place as the match; keyframes whose own retrieval missed that place are verified against it on the spot, so
      the loop is accepted when first seen and one look-alike pair can never close a loop.
 Relocalization runs checks 1, 2 and 4 (a lost camera has no odometry to compare with) and needs a metric pose.
+
+Threads: the candidates of a keyframe are verified in parallel (engine/verification.py); the networks are behind
+``network_lock``, so the next keyframe may be described in another thread while this one verifies
+(engine/describe_ahead.py; ``process_keyframe(..., described=, after_matching=)``).
 Monocular pairs that a homography explains (low parallax, planes) get the homography's pose instead of being
 refused (geometry/pose.py).
 """
