@@ -74,9 +74,9 @@ def test_stereo_pose_monocular(motorcycle, orb_aliked_lightglue, orb_hamming):
 
 
 def test_confidence_ordered_ransac_is_input_order_free_and_as_accurate(motorcycle, orb_aliked_lightglue):
-    """RANSAC samples the most confident matches first (PROSAC): the pose depends on the matches and their
-    scores, not on the order the matcher listed them in, and the inliers come back in the caller's order; the
-    pose is as good as with uniform sampling."""
+    """The essential-matrix RANSAC samples the most confident matches first (PROSAC): the pose depends on the
+    matches and their scores, not on the order the matcher listed them in, and the inliers come back in the
+    caller's order; the pose is as good as with uniform sampling."""
     from dataclasses import replace
 
     from feature_matching_ros.config import PoseConfig

@@ -13,7 +13,7 @@ Per pair (query = image 0, candidate = image 1), the first that applies:
 Depth wins over map points: depth is metric, a monocular map's units are not.
 
 The k candidates of one keyframe are independent: :class:`VerificationPool` verifies them in parallel threads.
-The work is OpenCV's (RANSAC, PnP, recoverPose), which releases the GIL, and every estimator seeds its own
+The work is mostly OpenCV's (RANSAC, PnP), which releases the GIL, and every estimator seeds its own
 random generator per call, so a verdict never depends on the thread that computed it or on the others.
 """
 

@@ -245,7 +245,7 @@ def estimate_relative_pose(
     confidence (RANSAC samples the most confident first), or None.
 
     With ``depth0`` (metres, aligned with image 0) PnP solves for T_1_0 directly; with only ``depth1``
-    it solves T_0_1 and inverts. Without depth: essential matrix (USAC_MAGSAC) + cheirality (recoverPose).
+    it solves T_0_1 and inverts. Without depth: essential matrix (USAC_MAGSAC) + cheirality (_recover_pose).
     """
     config = config or PoseConfig()
     K0, K1 = check_intrinsics(K0, "K0"), check_intrinsics(K1, "K1")
