@@ -2,7 +2,7 @@
 
     python benchmarks/verification.py --cache ~/.cache/feature_matching_ros/real --preset cpu \
         [--sequences kitti_out_and_back tum_fr1_rpy] [--max-frames 120] [--threads 1 2 4] \
-        [--sampling confidence uniform] [--out benchmarks/results/verification_cpu.md]
+        [--sampling confidence uniform] [--camera-only] [--out benchmarks/results/verification_cpu.md]
 
 The preset's networks run ONCE per sequence: features and matches are remembered by content, and every variant
 replays the engine over the same keyframes with the same correspondences, so only verification differs:
@@ -15,7 +15,8 @@ matches). Per variant: verification ms per keyframe (p50 / p90 / mean over keyfr
 keyframe the fastest of --repeats replays, so that other load on shared cores counts less),
 candidates rejected before RANSAC, accepted loops, and against the first variant: candidates whose verdict
 (accepted, reason code) differs, whose reason text differs, and the largest pose difference of loops both accept.
-Sequences: docs/REAL_DATA.md (the cache ``scripts/build_real_benchmark.py`` writes).
+``--camera-only`` drops depth and odometry (what a monocular backend without odometry hands over: essential
+matrix / homography verification). Sequences: docs/REAL_DATA.md (the cache ``scripts/build_real_benchmark.py`` writes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,7 @@ def main() -> int:
     parser.add_argument("--max-frames", type=int, default=None, help="first N images of each sequence")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--sampling", nargs="+", default=["confidence"], choices=("confidence", "uniform"))
+    parser.add_argument("--camera-only", action="store_true", help="drop depth and odometry (monocular verification)")
     parser.add_argument("--repeats", type=int, default=3, help="replays per variant; per keyframe the fastest")
     parser.add_argument("--out", type=Path, help="write the table as markdown here")
     args = parser.parse_args()
@@ -135,6 +138,8 @@ def main() -> int:
     started = time.perf_counter()
     for name in args.sequences:
         frames = load_frames(args.cache / name / "bag", SequenceTopics(), 1, args.max_frames, None)
+        if args.camera_only:
+            frames = [replace(frame, depth=None, T_odom=None) for frame in frames]
         remembering = RememberingPipeline(pipeline, {})
         # A first pass runs the networks and fills the memory; its verification times would carry their load.
         run_variant(remembering, engine_config, frames)
