@@ -113,9 +113,9 @@ class PoseConfig:
     pnp_threshold_px: float = 3.0  # PnP and Sim3: reprojection error threshold in pixels
     confidence: float = 0.9999
     max_iterations: int = 10_000
-    # How the essential-matrix and homography RANSACs draw minimal samples: "confidence" tries the matcher's most
-    # confident matches first (PROSAC); "uniform" draws from all matches alike (for matchers whose scores do not
-    # rank matches). PnP samples uniformly (geometry/pose.py).
+    # How the essential-matrix RANSAC draws minimal samples: "confidence" tries the matcher's most confident
+    # matches first (PROSAC); "uniform" draws from all matches alike (for matchers whose scores do not rank
+    # matches). The homography test and PnP sample uniformly (geometry/pose.py says why).
     sampling: str = "confidence"
     # The lowest inlier ratio (inliers / matches) the caller accepts: RANSAC stops once it is `confidence` sure that
     # no model with this ratio exists (geometry/pose.py: ransac_iterations) instead of running max_iterations on a

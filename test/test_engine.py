@@ -315,3 +315,31 @@ def test_describe_ahead_gives_the_one_by_one_results(pipeline, motorcycle):
             [(c.match_id, c.accepted, c.reason, c.num_inliers) for c in b.candidates]
         for ca, cb in zip(a.candidates, b.candidates):
             assert np.allclose(ca.T_match_query, cb.T_match_query, atol=1e-9)
+
+
+def test_two_keyframes_of_one_stretch_are_one_place_not_an_ambiguity(pipeline, motorcycle):
+    """A hand-held camera lingers and turns a little: two keyframes seconds apart see the same scene, and a later
+    visit verifies against both nearly as well. Retrieval never compared the two (recency exclusion) and they
+    verify against each other, so they are one place and the loop is accepted. The same two views far apart in
+    time stay ambiguous: without the backend's covisibility they could be two look-alike places."""
+    import cv2
+
+    height, width = motorcycle.image0.shape[:2]
+    turn = cv2.Rodrigues(np.array([0.0, np.radians(2.0), 0.0]))[0]
+    H = motorcycle.K0 @ turn @ np.linalg.inv(motorcycle.K0)
+    turned = cv2.warpPerspective(motorcycle.image0, H, (width, height))
+    verdicts = {}
+    for gap_s in (2, 30):
+        engine = _engine(pipeline, consistency_window=0)  # as if other keyframes lay between the two
+        for keyframe_id, (image, stamp_ns) in enumerate(((motorcycle.image0, 0), (turned, gap_s * SECOND))):
+            keyframe, _, _ = engine.describe(image, motorcycle.K0, stamp_ns, keyframe_id)
+            engine.insert(keyframe)  # no loop detection between the two: only the query below compares them
+        result = engine.process_keyframe(motorcycle.image1, motorcycle.K1, 100 * SECOND, keyframe_id=2,
+                                         insert=False)
+        verified = sorted((c for c in result.candidates if c.geometry_ok), key=lambda c: -c.num_inliers)
+        assert len(verified) == 2 and verified[1].num_inliers >= 0.7 * verified[0].num_inliers, \
+            [(c.match_id, c.num_inliers, c.reason) for c in result.candidates]
+        verdicts[gap_s] = result
+    assert [c.match_id for c in verdicts[2].accepted] == [max(verified, key=lambda c: c.num_inliers).match_id]
+    assert not verdicts[30].accepted
+    assert all(c.reason.startswith("ambiguous") for c in verdicts[30].candidates)

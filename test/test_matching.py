@@ -101,6 +101,30 @@ def test_confidence_ordered_ransac_is_input_order_free_and_as_accurate(motorcycl
     assert abs(ordered.num_inliers - uniform.num_inliers) <= 0.05 * uniform.num_inliers
 
 
+def test_a_camera_that_only_turned_gets_its_rotation_from_the_homography(motorcycle, orb_hamming):
+    """No parallax: every essential matrix with that rotation fits, so the pose comes from the homography, also
+    with the matcher's scores given (confidence-first sampling must not stop at a homography that explains only
+    part of the matches, or the pair falls through to an essential matrix without depth to decide it)."""
+    import cv2
+
+    from feature_matching_ros.config import PoseConfig
+    from feature_matching_ros.geometry.pose import estimate_relative_pose
+
+    height, width = motorcycle.image0.shape[:2]
+    turn = cv2.Rodrigues(np.array([0.0, np.radians(2.0), 0.0]))[0]
+    turned = cv2.warpPerspective(motorcycle.image0, motorcycle.K0 @ turn @ np.linalg.inv(motorcycle.K0),
+                                 (width, height))
+    features0, features1 = orb_hamming.extract(motorcycle.image0), orb_hamming.extract(turned)
+    found = orb_hamming.match(features0, [features1])[0]
+    points0 = features0.keypoints_numpy()[found.matches[:, 0]]
+    points1 = features1.keypoints_numpy()[found.matches[:, 1]]
+    pose = estimate_relative_pose(points0, points1, motorcycle.K0, motorcycle.K0, PoseConfig(), scores=found.scores)
+    assert pose.success and pose.method == "homography", pose.reason
+    assert pose.num_inliers >= 0.8 * len(points0)
+    assert rotation_error_deg(pose.R, turn) < 1.0  # ORB keypoints of pyramid levels: about a pixel
+    assert np.allclose(pose.information[:3, :3], 0.0)  # no parallax: nothing known of the translation
+
+
 def test_essential_decomposition_agrees_with_opencv_recover_pose(motorcycle, orb_aliked_lightglue):
     """The closed-form cheirality test picks the decomposition OpenCV's recoverPose picks, with the same points
     in front of both cameras (up to the odd point near infinity, where the two triangulations differ)."""

@@ -32,7 +32,8 @@ acceptance stacks checks that scale with what the pair can show rather than per-
      path length; heading only for monocular loops), so a place one period over is refused even when its
      rotation is right;
   4. ambiguity: two candidates at different places verifying nearly as well reject each other ("same place":
-     database neighbours, or joined by loops accepted earlier, engine/keyframe_graph.py's PlaceLinks);
+     database neighbours, joined by loops accepted earlier (engine/keyframe_graph.py's PlaceLinks), or two
+     keyframes of one stretch of the trajectory that verify against each other);
   5. consistency (ORB-SLAM style): the previous temporal_consistency - 1 keyframes must also verify a keyframe
      at the same place as the match; keyframes whose own retrieval missed that place are verified against it on the spot, so
      the loop is accepted when first seen and one look-alike pair can never close a loop.
@@ -451,11 +452,35 @@ class LoopClosureEngine:
     def _same_place(self, a: LoopClosure, b: LoopClosure) -> bool:
         """Two verified candidates agree on where the query is: their keyframes are neighbours in the database or
         joined by accepted loops (a place visited before the two of them: PlaceLinks), or both loops are metric
-        and each passed the odometry gate (so both agree with the same odometry)."""
-        if self.places.linked(self.database.position_of(a.match_id), self.database.position_of(b.match_id),
-                              self.config.consistency_window):
+        and each passed the odometry gate (so both agree with the same odometry), or the two keyframes belong to
+        one stretch of the trajectory and see the same scene (:meth:`_one_stretch`)."""
+        position_a, position_b = self.database.position_of(a.match_id), self.database.position_of(b.match_id)
+        if self.places.linked(position_a, position_b, self.config.consistency_window):
             return True
-        return self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b))
+        if self.config.odometry_gate and all(c.metric and c.drift_translation_m is not None for c in (a, b)):
+            return True
+        return self._one_stretch(position_a, position_b)
+
+    def _one_stretch(self, position_a: int, position_b: int) -> bool:
+        """Are two database keyframes closer in time than retrieval's recency exclusion (never loop candidates
+        of each other: the backend tracks between them) and do they verify against each other through the same
+        checks as a loop? Then they are one place seen twice while the camera lingered or swung back (a
+        hand-held camera looking around a room), as a backend's covisibility graph would say, and the pair is
+        joined in PlaceLinks. Keyframes further apart in time are never joined here: that would be a loop
+        closure, which only the full rule (consistency included) may accept."""
+        earlier, later = sorted((position_a, position_b))
+        keyframes = self.database.keyframes
+        if abs(keyframes[later].stamp_ns - keyframes[earlier].stamp_ns) > \
+                self.database.config.exclude_recent_seconds * 1e9:
+            return False
+        keyframe = keyframes[later]
+        features = None if self.pipeline.needs_images else keyframe.to_features(self.pipeline.device)
+        loops = self._verify(keyframe, features, [Candidate(earlier, keyframes[earlier].id, 0.0)], {},
+                             source_position=later)
+        if not loops[0].accepted:
+            return False
+        self.places.add(earlier, later)
+        return True
 
     def _reject_ambiguous(self, loops: list[LoopClosure]) -> None:
         """Reject every candidate when a runner-up at another place verifies nearly as well (ambiguity_ratio)."""
