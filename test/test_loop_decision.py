@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from feature_matching_ros.engine import build_engine
+from feature_matching_ros.geometry.se3 import rotation_angle_deg
 from feature_matching_ros.retrieval.database import Keyframe
 from feature_matching_ros.scenes.sequence import plan_sequence, render_frames
 
@@ -59,3 +60,31 @@ def test_repeated_poster_one_room_over_is_not_a_loop(office_seed3):
     assert reasons <= {"inconsistent with odometry", "scene inconsistent", "depth inconsistent", "inliers clustered",
                        "awaiting temporal consistency", "ambiguous", "too few inliers"}, reasons
     assert reasons & {"inconsistent with odometry", "scene inconsistent", "depth inconsistent"}, reasons
+
+
+def test_camera_only_look_alike_is_not_one_stretch_of_the_trajectory():
+    """Camera-only (no depth, no odometry), office seed 3: keyframe 112 sees textures that keyframes 4 and 12
+    (0.8 s apart, one stretch of the first lap) also saw, from elsewhere. Both verify nearly as well, with poses
+    90 and 180 degrees off. 4 and 12 verify against each other (they ARE one place), but their rotation does not
+    compose with the query's two loops, so the pair stays ambiguous instead of becoming one place."""
+    plan = plan_sequence("office", 120, 3, 640, 480)
+    rendered = {f.index: f for f in render_frames(plan, [4, 12, 112])}
+    engine = build_engine("cpu", device="cpu")
+    engine.config.temporal_consistency = 1  # this one query decides
+    engine.database.config.exclude_recent_count = 0
+    for k in range(4, 13):  # the keyframes between 4 and 12 as the backend made them (no image here)
+        frame = rendered.get(k)
+        engine.insert(engine.describe(frame.image, frame.K, frame.stamp_ns, k)[0] if frame is not None else
+                      _pose_only(engine, k, 1_700_000_000_000_000_000 + k * 100_000_000, None))
+    query = rendered[112]
+    result = engine.process_keyframe(query.image, query.K, query.stamp_ns, keyframe_id=112, insert=False)
+    verified = {c.match_id: c for c in result.candidates if c.geometry_ok}
+    assert set(verified) == {4, 12}, [(c.match_id, c.reason) for c in result.candidates]
+
+    def rotation_error_deg(loop) -> float:
+        T_gt = np.linalg.inv(plan.poses[loop.match_id]) @ plan.poses[loop.query_id]
+        return rotation_angle_deg(loop.T_match_query[:3, :3].T @ T_gt[:3, :3])
+
+    assert all(rotation_error_deg(c) > 45.0 for c in verified.values())  # the trap is real
+    assert not result.accepted
+    assert all(c.reason.startswith("ambiguous") for c in verified.values()), [c.reason for c in verified.values()]
