@@ -14,7 +14,7 @@ DETECTORS = ("orb", "orb_multiscale", "sift", "aliked", "disk", "xfeat")
 # Where ORB single-scale keypoints are computed: OpenCV on the host, or torch on the pipeline's device
 # (features/orb_torch.py, same keypoints); auto = torch on CUDA, where it runs beside the descriptor network.
 ORB_BACKENDS = ("auto", "opencv", "torch")
-DESCRIPTORS = ("native", "aliked", "disk", "sandesc")  # sandesc: our trained SANDESC, weights per detector
+DESCRIPTORS = ("native", "aliked", "disk", "xfeat", "sandesc")  # sandesc: our trained SANDESC, weights per detector
 MATCHERS = ("lightglue", "nn", "eloftr", "loftr")
 # Detector-free matchers take the two images, not keypoints: they return matched pixel pairs directly.
 DENSE_MATCHERS = ("eloftr", "loftr")
@@ -167,13 +167,13 @@ class PipelineConfig:
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
         if self.matcher.name == "lightglue":
-            # LightGlue weights exist for ALIKED and DISK descriptors (any detector) and XFeat's own.
+            # LightGlue weights exist for ALIKED, DISK and XFeat descriptors, at any detector's keypoints.
             usable = {"aliked", "disk", "xfeat"}
             if self.features.descriptor_network not in usable:
                 raise ConfigError(
                     f"matcher=lightglue has no weights for {self.features.descriptor_network} descriptors "
                     f"(detector={self.features.detector}, descriptor={self.features.descriptor}); "
-                    "use descriptor=aliked or descriptor=disk with this detector, or matcher=nn"
+                    "use descriptor=aliked, disk or xfeat with this detector, or matcher=nn"
                 )
             if self.matcher.weights == "agnostic" and self.features.descriptor_network != "aliked":
                 raise ConfigError(

