@@ -7,10 +7,11 @@ two sections: ``pipeline`` (for :meth:`PipelineConfig.from_dict`) and ``engine``
 
   orb_lightglue     ORB single-scale + ALIKED descriptors at ORB points + LightGlue; VLAD(ALIKED) retrieval.
   aliked_lightglue  ALIKED keypoints and descriptors + LightGlue; VLAD(ALIKED) retrieval.
-  cpu               orb_lightglue sized for a CPU: 512 keypoints, images <= 640 px, 3 candidates.
+  cpu               for a robot without a GPU: ORB single-scale at 512 keypoints described by XFeat (its backbone
+                    sampled at ORB's points) + XFeat's LighterGlue; VLAD(XFeat) retrieval, images <= 640 px,
+                    3 candidates. 2x ORB bag-of-words per keyframe on 2 cores (keyframe_latency_cpu.md).
   xfeat_lightglue   XFeat keypoints and descriptors (a network built for CPUs) + its LighterGlue; VLAD(XFeat)
-                    retrieval, 3 candidates, images <= 640 px: the fastest learned preset on a CPU (4x less per
-                    keyframe than cpu there; benchmarks/results/keyframe_latency_cpu.md, loop_closure_real.md).
+                    retrieval, 3 candidates, images <= 640 px: XFeat's own keypoints, 1024 of them.
   eloftr            detector-free: Efficient LoFTR verifies retrieved keyframes on their stored images (semi-dense
                     matches); retrieval as orb_lightglue. Keyframes keep their pixels (~0.9 MB per VGA keyframe).
   orb_bow_nn        baseline, the ORB-SLAM way: ORB + bag of binary words + Hamming mutual NN with ratio test.
@@ -35,8 +36,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": -1}},
         "engine": _VLAD_ENGINE,
     },
+    # On a CPU the descriptor network and the matcher are the whole cost: XFeat's backbone (built for CPUs) and its
+    # 6-layer, 96-d LighterGlue instead of ALIKED's and LightGlue's 9 layers of 256-d, at ORB's single-scale points.
     "cpu": {
-        "pipeline": {"features": {"detector": "orb", "descriptor": "aliked", "max_keypoints": 512,
+        "pipeline": {"features": {"detector": "orb", "descriptor": "xfeat", "max_keypoints": 512,
                                   "resize_max": 640},
                      "matcher": {"name": "lightglue", "depth_confidence": 0.95, "width_confidence": 0.99},
                      "device": "cpu"},

@@ -62,6 +62,11 @@ def test_repeated_poster_one_room_over_is_not_a_loop(office_seed3):
     assert reasons & {"inconsistent with odometry", "scene inconsistent", "depth inconsistent"}, reasons
 
 
+LOOK_ALIKE_MATCHER = {"pipeline": {"features": {"max_keypoints": 512, "resize_max": 640},
+                                   "matcher": {"width_confidence": 0.99}},
+                      "engine": {"retrieval": {"top_k": 3}}}
+
+
 def test_camera_only_look_alike_is_not_one_stretch_of_the_trajectory():
     """Camera-only (no depth, no odometry), office seed 3: keyframe 112 sees textures that keyframes 4 and 12
     (0.8 s apart, one stretch of the first lap) also saw, from elsewhere. Both verify nearly as well, with poses
@@ -69,7 +74,9 @@ def test_camera_only_look_alike_is_not_one_stretch_of_the_trajectory():
     compose with the query's two loops, so the pair stays ambiguous instead of becoming one place."""
     plan = plan_sequence("office", 120, 3, 640, 480)
     rendered = {f.index: f for f in render_frames(plan, [4, 12, 112])}
-    engine = build_engine("cpu", device="cpu")
+    # ALIKED descriptors verify the look-alike pairs (the trap this rule exists for); the cpu preset's XFeat
+    # descriptors already fail them geometrically.
+    engine = build_engine("orb_lightglue", LOOK_ALIKE_MATCHER, device="cpu")
     engine.config.temporal_consistency = 1  # this one query decides
     engine.database.config.exclude_recent_count = 0
     for k in range(4, 13):  # the keyframes between 4 and 12 as the backend made them (no image here)

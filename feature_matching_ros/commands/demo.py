@@ -5,8 +5,8 @@ the baseline comparison, prints a summary table and writes the report directory.
              [--config cpu] [--compare orb_bow_nn] [--keyframe-every 2] [--device auto]
 
 Defaults are sized for a 2-core laptop without a GPU, offline and without a ROS distro: a 320x240 office
-sequence of 200 frames (100 keyframes, every 2nd frame), the ``cpu`` preset (ORB + ALIKED descriptors +
-LightGlue at 512 keypoints, ~0.5 s per keyframe on 2 cores) against the ``orb_bow_nn`` baseline (ORB + bag of
+sequence of 200 frames (100 keyframes, every 2nd frame), the ``cpu`` preset (ORB + XFeat descriptors +
+LighterGlue at 512 keypoints, ~0.2 s per keyframe on 2 cores) against the ``orb_bow_nn`` baseline (ORB + bag of
 binary words + Hamming NN). Rendering takes ~10 s, evaluation ~2 minutes. ``--device auto`` uses CUDA when
 present. The sequence is cached (``ensure_sample_sequence``) in a directory named after its parameters under
 $FMR_SAMPLE_DIR's parent (default ~/.cache/feature_matching_ros/), so a second run starts at once.
