@@ -50,7 +50,7 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+            f"Python {platform.python_version()}, {platform.system()}")
 
 
 def write_markdown(path: Path, rows: list[dict], command: str, started: float, args: argparse.Namespace) -> None:
