@@ -201,8 +201,9 @@ def _pose(x: float, y: float, yaw_deg: float) -> np.ndarray:
 
 
 def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
-    """The odometry gate's prediction along the keyframe graph equals the backend's relative pose, and an
-    accepted loop becomes a zero-length shortcut (drift is measured since the last closure)."""
+    """The odometry gate's prediction along the keyframe graph equals the backend's relative pose with the metres
+    travelled and the degrees turned along the path, and an accepted loop becomes a zero-length, zero-turn shortcut
+    (drift is measured since the last closure)."""
     engine = _engine(pipeline)
     dim = engine.codebook.dim
     poses = [_pose(0, 0, 0), _pose(1, 0, 20), _pose(2, 1, 60), _pose(2, 2, 120), _pose(1, 3, 170)]
@@ -218,6 +219,7 @@ def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
     path_to_0 = predicted[0][1]
     assert path_to_0 == pytest.approx(sum(np.linalg.norm(poses[i + 1][:3, 3] - poses[i][:3, 3]) for i in range(4))
                                       + np.linalg.norm(query.T_map_camera[:3, 3] - poses[4][:3, 3]))
+    assert predicted[0][2] == pytest.approx(200.0)  # yaw 0 -> 20 -> 60 -> 120 -> 170 -> 200 deg
     # keyframe 5 closes a loop to keyframe 0 (measured pose = backend's): the query's path to 0 now goes through it
     loop = LoopClosure(5, 0, 5 * SECOND, 0, True, "ok", np.linalg.inv(poses[0]) @ _pose(0.2, 0.1, 10), 1.0, True)
     engine._pending_loops[5] = [(0, loop)]
@@ -225,9 +227,26 @@ def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
                            np.zeros(0, np.float16), (640, 480), "orb", np.eye(3), np.ones(dim, np.float32),
                            _pose(0.2, 0.1, 10)))
     query.T_map_camera = _pose(0.3, 0.1, 15)
-    T_pred, path = engine._predict_from_graph(query, {0})[0]
+    T_pred, path, turned = engine._predict_from_graph(query, {0})[0]
     assert path == pytest.approx(0.1, abs=1e-6)
+    assert turned == pytest.approx(5.0)
     assert np.allclose(T_pred, np.linalg.inv(poses[0]) @ query.T_map_camera)
+
+
+
+@pytest.mark.parametrize("method,metric,accepted", [("pnp", True, True), ("essential", False, False)])
+def test_odometry_gate_allows_rotation_drift_for_the_angle_turned_where_translation_is_checked(
+        pipeline, method, metric, accepted):
+    """A hand-held camera that turned 360 deg over 1 m: its odometry may have drifted 7 deg in rotation. A metric loop
+    that disagrees by 7 deg (translation right) passes (5 + 0.5 x 1 + 0.02 x 360 = 12.7 deg allowed); an
+    essential-matrix loop, gated on rotation alone, keeps the distance-only allowance (5.5 deg) and is rejected."""
+    engine = _engine(pipeline)
+    T_predicted = _pose(0.5, 0.0, 0.0)
+    loop = LoopClosure(9, 0, 9 * SECOND, 0, False, "", T_predicted @ _pose(0.0, 0.0, 7.0), 1.0, metric,
+                       method=method)
+    reason = engine._odometry_gate(loop, (T_predicted, 1.0, 360.0))
+    assert (reason is None) == accepted, reason
+    assert loop.drift_rotation_deg == pytest.approx(7.0)
 
 
 def _crop(image: np.ndarray, shift: int) -> np.ndarray:

@@ -84,6 +84,11 @@ class EngineConfig:
     max_drift_ratio: float = 0.03
     max_drift_abs_deg: float = 5.0
     max_drift_deg_per_m: float = 0.5
+    # Rotation drift also grows with the rotation turned (gyro and visual-odometry rotation errors scale with the
+    # angle, not the distance): a hand-held camera that looked around on the spot drifts in rotation with no metres.
+    # Applied to loops with a translation (PnP, Sim3), which the translation allowance still holds; an
+    # essential-matrix loop keeps the distance-only rotation allowance, its only gate.
+    max_drift_ratio_of_turn: float = 0.02
 
     def __post_init__(self) -> None:
         _check_choice("global_descriptor", self.global_descriptor, GLOBAL_DESCRIPTORS)
@@ -114,6 +119,7 @@ class EngineConfig:
         _check_range("max_drift_ratio", self.max_drift_ratio, 0.0, 100.0)
         _check_range("max_drift_abs_deg", self.max_drift_abs_deg, 0.0, 180.0)
         _check_range("max_drift_deg_per_m", self.max_drift_deg_per_m, 0.0, 180.0)
+        _check_range("max_drift_ratio_of_turn", self.max_drift_ratio_of_turn, 0.0, 1.0)
         self.min_inliers, self.temporal_consistency = int(self.min_inliers), int(self.temporal_consistency)
         self.consistency_window, self.max_loops_per_keyframe = int(self.consistency_window), int(
             self.max_loops_per_keyframe)

@@ -207,8 +207,8 @@ class LoopClosureEngine:
         self.database.add(keyframe)
 
     def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
-                            ) -> dict[int, tuple[np.ndarray, float]]:
-        """{database position: (T_position_query predicted by the keyframe graph, path length m)}. A new query
+                            ) -> dict[int, tuple[np.ndarray, float, float]]:
+        """{database position: (T_position_query predicted by the keyframe graph, path length m, degrees turned)}. A new query
         is attached to the last keyframe by its odometry step; one already in the map starts at
         ``source_position``."""
         if source_position is not None:
@@ -222,14 +222,14 @@ class LoopClosureEngine:
         return self.graph.predict(len(self.database) - 1, T_last_query, float(np.linalg.norm(T_last_query[:3, 3])),
                                   targets)
 
-    def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float] | None) -> str | None:
+    def _odometry_gate(self, loop: LoopClosure, prediction: tuple[np.ndarray, float, float] | None) -> str | None:
         """Fill the loop's drift fields from the graph prediction; return a rejection reason if the loop disagrees
         with odometry (+ earlier loops) by more than the drift allowed along the shortest path. Loops without a
         translation length (essential matrix) are compared on rotation only; Sim3 loops on rotation and on
         translation up to the scale drift they measure."""
         if prediction is None:
             return None
-        T_predicted, path_length = prediction
+        T_predicted, path_length, turned_deg = prediction
         loop.drift_rotation_deg = rotation_angle_deg(T_predicted[:3, :3].T @ loop.T_match_query[:3, :3])
         loop.path_length_m = float(path_length)
         has_length = loop.metric or loop.method == "sim3"
@@ -244,13 +244,16 @@ class LoopClosureEngine:
         if not self.config.odometry_gate:
             return None
         max_translation = self.config.max_drift_abs_m + self.config.max_drift_ratio * path_length
-        max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length
+        # The turn allowance only where translation is checked too: for an essential-matrix loop rotation is the
+        # whole gate, and a look-alike place on a long, turning path would pass a wider one.
+        turn_allowance = self.config.max_drift_ratio_of_turn * turned_deg if has_length else 0.0
+        max_rotation = self.config.max_drift_abs_deg + self.config.max_drift_deg_per_m * path_length + turn_allowance
         translation_off = has_length and loop.drift_translation_m > max_translation
         if translation_off or loop.drift_rotation_deg > max_rotation:
             moved = f"{loop.drift_translation_m:.2f} m / " if has_length else ""
             return (f"inconsistent with odometry: moves the keyframe {moved}{loop.drift_rotation_deg:.1f} deg over "
-                    f"a {path_length:.1f} m graph path (allowed {max_translation:.2f} m / {max_rotation:.1f} deg; "
-                    "repetitive structure?)")
+                    f"a {path_length:.1f} m graph path turning {turned_deg:.0f} deg (allowed {max_translation:.2f} m / "
+                    f"{max_rotation:.1f} deg; repetitive structure?)")
         return None
 
     def update_poses(self, poses: dict[int, np.ndarray]) -> None:
@@ -307,7 +310,7 @@ class LoopClosureEngine:
 
     def _verify_candidate(self, keyframe: Keyframe, match_kf: Keyframe, correspondences: Correspondences,
                           candidate: Candidate, rank: int, pose_config: PoseConfig, check_odometry: bool,
-                          prediction: tuple[np.ndarray, float] | None) -> LoopClosure:
+                          prediction: tuple[np.ndarray, float, float] | None) -> LoopClosure:
         """One candidate's verdict: support pre-check, geometric verification, acceptance checks, odometry gate.
         Reads the engine and the two keyframes only, so candidates of one query run in parallel threads."""
         loop = LoopClosure(keyframe.id, match_kf.id, keyframe.stamp_ns, match_kf.stamp_ns, False, "",

@@ -4,7 +4,7 @@ Nodes are database positions. Odometry edges join consecutive keyframes with the
 (``T_prev_new``) and the distance travelled; accepted metric loops add edges of length 0. A loop candidate
 is compared with the relative pose predicted by composing edges along the SHORTEST path (metres travelled)
 between the two keyframes: the odometry accumulated drift along that path only, so the allowance is
-``abs + ratio * path length``. Accepted loops shorten later paths, so after a first closure the gate tightens
+``abs + ratio * path length`` (and, for rotation, also a share of the rotation turned along the path). Accepted loops shorten later paths, so after a first closure the gate tightens
 to the drift since then, as a backend's marginal covariance would.
 
 :class:`PlaceLinks` is the camera-only counterpart for "same place" questions (ambiguity, temporal consistency):
@@ -17,13 +17,13 @@ import heapq
 
 import numpy as np
 
-from feature_matching_ros.geometry.se3 import inverse
+from feature_matching_ros.geometry.se3 import inverse, rotation_angle_deg
 
 
 class KeyframeGraph:
     def __init__(self) -> None:
-        # neighbours[i] = [(j, T_j_i, length_m)]
-        self._neighbours: list[list[tuple[int, np.ndarray, float]]] = []
+        # neighbours[i] = [(j, T_j_i, length_m, turned_deg)]
+        self._neighbours: list[list[tuple[int, np.ndarray, float, float]]] = []
 
     def __len__(self) -> int:
         return len(self._neighbours)
@@ -35,36 +35,39 @@ class KeyframeGraph:
         if position > 0 and previous_pose is not None and pose is not None:
             T_prev_new = inverse(previous_pose) @ pose
             step = float(np.linalg.norm(T_prev_new[:3, 3]))
-            self._neighbours[position - 1].append((position, inverse(T_prev_new), step))
-            self._neighbours[position].append((position - 1, T_prev_new, step))
+            turned = rotation_angle_deg(T_prev_new[:3, :3])
+            self._neighbours[position - 1].append((position, inverse(T_prev_new), step, turned))
+            self._neighbours[position].append((position - 1, T_prev_new, step, turned))
         return position
 
     def add_loop(self, match_position: int, query_position: int, T_match_query: np.ndarray) -> None:
         """A metric loop: a zero-length edge between two nodes."""
-        self._neighbours[query_position].append((match_position, T_match_query, 0.0))
-        self._neighbours[match_position].append((query_position, inverse(T_match_query), 0.0))
+        self._neighbours[query_position].append((match_position, T_match_query, 0.0, 0.0))
+        self._neighbours[match_position].append((query_position, inverse(T_match_query), 0.0, 0.0))
 
     def predict(self, start: int, T_start_query: np.ndarray, start_distance: float, targets: set[int]
-                ) -> dict[int, tuple[np.ndarray, float]]:
+                ) -> dict[int, tuple[np.ndarray, float, float]]:
         """Dijkstra (edge length = metres travelled) from a query attached to node ``start`` by ``T_start_query``
-        (``start_distance`` metres away) to the target nodes: {node: (T_node_query, path length m)}. Targets the
-        graph cannot reach (missing poses) are absent."""
+        (``start_distance`` metres away) to the target nodes: {node: (T_node_query, path length m, degrees turned
+        along that path)}. Targets the graph cannot reach (missing poses) are absent."""
         best: dict[int, float] = {start: start_distance}
         transforms = {start: T_start_query}
+        turned = {start: rotation_angle_deg(T_start_query[:3, :3])}
         heap = [(start_distance, start)]
-        done: dict[int, tuple[np.ndarray, float]] = {}
+        done: dict[int, tuple[np.ndarray, float, float]] = {}
         remaining = set(targets)
         while heap and remaining:
             distance, node = heapq.heappop(heap)
             if node in done or distance > best.get(node, np.inf):
                 continue
-            done[node] = (transforms[node], distance)
+            done[node] = (transforms[node], distance, turned[node])
             remaining.discard(node)
-            for neighbour, T_neighbour_node, length in self._neighbours[node]:
+            for neighbour, T_neighbour_node, length, edge_turned in self._neighbours[node]:
                 candidate_distance = distance + length
                 if candidate_distance < best.get(neighbour, np.inf):
                     best[neighbour] = candidate_distance
                     transforms[neighbour] = T_neighbour_node @ transforms[node]
+                    turned[neighbour] = turned[node] + edge_turned
                     heapq.heappush(heap, (candidate_distance, neighbour))
         return {node: done[node] for node in targets if node in done}
 
