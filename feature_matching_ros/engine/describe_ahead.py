@@ -7,10 +7,11 @@ backend sending a burst after a relocalisation or a map merge, a bag replayed fa
 one, so the device and the host work at the same time. The engine's model lock gives the networks to one caller
 at a time, and describe() does not read the database, so every result equals the one-by-one result.
 
-Measured on a backlog (benchmarks/keyframe_latency.py): no gain on an H200 (0.99-1.01x the one-by-one rate
+Measured on a backlog (benchmarks/keyframe_latency.py): no gain with a GPU (0.99-1.01x the one-by-one rate
 with orb_lightglue, 0.84x with aliked_lightglue) and a loss on 2 CPU cores (0.57-0.77x). Both halves are mostly
 Python work (kernel launches, numpy, the checks) under one interpreter lock, and RANSAC is a few ms; the node
-therefore leaves it off unless asked (parameter describe_ahead). It pays where extraction is mostly device time.
+therefore leaves it off unless asked (parameter describe_ahead). It can pay where extraction is dominated by GPU
+kernels rather than Python.
 
 Written here because the overlap is between our own engine stages; a generic executor would not know which
 half may run ahead.

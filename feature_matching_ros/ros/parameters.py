@@ -111,10 +111,10 @@ NODE_PARAMETERS: list[ParameterSpec] = [
                   value_range=(1, 1_000_000)),
     ParameterSpec("describe_ahead", False, "While a keyframe verifies on the host (RANSAC, checks), describe the "
                   "next waiting keyframe (features, global descriptor) in a second thread; results are the same. "
-                  "Off by default: measured on a backlog, it drained no faster on an H200 (0.99-1.01x with "
-                  "orb_lightglue, 0.84x with aliked_lightglue) nor on CPU cores (0.57-0.77x on 2 cores), because "
-                  "both halves are mostly Python work under one interpreter lock; try it where extraction is "
-                  "mostly device time (benchmarks/keyframe_latency.py prints both rates)."),
+                  "Off by default: measured on a backlog of keyframes, it drained no faster with a GPU "
+                  "(0.84-1.01x) and slower on 2 CPU cores (0.57-0.77x), because both halves are mostly Python "
+                  "work under one interpreter lock; it can pay where extraction is dominated by GPU kernels "
+                  "rather than Python (benchmarks/keyframe_latency.py prints both rates)."),
     ParameterSpec("image_queue_size", 2, "Images waiting for relocalization; when full the oldest is dropped, "
                   "counted and logged (never fall behind the camera).", value_range=(1, 1_000)),
     ParameterSpec("image_qos", "sensor_data", "QoS of the image, camera_info and depth subscriptions: "
