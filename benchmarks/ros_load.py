@@ -62,7 +62,8 @@ def machine() -> str:
                 if l.startswith("model name")), platform.processor())
     memory = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
                    if l.startswith("MemTotal")), 0)
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}")
 
 
 def main() -> int:

@@ -233,7 +233,6 @@ def test_graph_prediction_composes_odometry_and_accepted_loops(pipeline):
     assert np.allclose(T_pred, np.linalg.inv(poses[0]) @ query.T_map_camera)
 
 
-
 @pytest.mark.parametrize("method,metric,accepted", [("pnp", True, True), ("essential", False, False)])
 def test_odometry_gate_allows_rotation_drift_for_the_angle_turned_where_translation_is_checked(
         pipeline, method, metric, accepted):

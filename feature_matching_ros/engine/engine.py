@@ -208,8 +208,8 @@ class LoopClosureEngine:
 
     def _predict_from_graph(self, keyframe: Keyframe, targets: set[int], source_position: int | None = None
                             ) -> dict[int, tuple[np.ndarray, float, float]]:
-        """{database position: (T_position_query predicted by the keyframe graph, path length m, degrees turned)}. A new query
-        is attached to the last keyframe by its odometry step; one already in the map starts at
+        """{database position: (T_position_query predicted by the keyframe graph, path length m, degrees turned)}.
+        A new query is attached to the last keyframe by its odometry step; one already in the map starts at
         ``source_position``."""
         if source_position is not None:
             return self.graph.predict(source_position, np.eye(4), 0.0, targets)

@@ -4,8 +4,9 @@ Nodes are database positions. Odometry edges join consecutive keyframes with the
 (``T_prev_new``) and the distance travelled; accepted metric loops add edges of length 0. A loop candidate
 is compared with the relative pose predicted by composing edges along the SHORTEST path (metres travelled)
 between the two keyframes: the odometry accumulated drift along that path only, so the allowance is
-``abs + ratio * path length`` (and, for rotation, also a share of the rotation turned along the path). Accepted loops shorten later paths, so after a first closure the gate tightens
-to the drift since then, as a backend's marginal covariance would.
+``abs + ratio * path length`` (for rotation, also a share of the angle turned along the path). Accepted loops
+shorten later paths, so after a first closure the gate tightens to the drift since then, as a backend's
+marginal covariance would.
 
 :class:`PlaceLinks` is the camera-only counterpart for "same place" questions (ambiguity, temporal consistency):
 it needs no poses, only which keyframes earlier accepted loops joined.

@@ -6,8 +6,9 @@ LightGlue match ORB or SIFT keypoints described by ALIKED (arXiv 2602.08430).
 
 Sampling: ALIKED's descriptor head (SDDH) is already keypoint-driven (deformable sampling around each
 point), so foreign keypoints go straight into it. DISK has a dense descriptor map; we sample it
-bilinearly and re-normalise. XFeat's 1/8-resolution map is sampled with XFeat's own bicubic interpolation. Networks run in fp32 on CPU (kornia's half-precision grid_sample on CPU
-is unreliable) and under autocast in fp16/bf16 on CUDA when asked.
+bilinearly and re-normalise. XFeat's 1/8-resolution map is sampled with XFeat's own bicubic interpolation.
+Networks run in fp32 on CPU (kornia's half-precision grid_sample on CPU is unreliable) and under autocast in
+fp16/bf16 on CUDA when asked.
 """
 
 from __future__ import annotations
@@ -152,15 +153,20 @@ class XFeatNetwork:
         _load_strict(self.model.net, load_official_state_dict("xfeat"), "xfeat")
         self.model.eval().to(device)
 
+    def _resized(self, size: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor]:
+        """XFeat's working size for an image of ``size`` (each side down to a multiple of 32, at least 32) and the
+        (2,) ratio original / working pixels."""
+        width, height = size
+        resized = (max(32, width // 32 * 32), max(32, height // 32 * 32))
+        return resized, torch.tensor([width / resized[0], height / resized[1]], device=self.device)
+
     @torch.inference_mode()
     def detect(self, image: PreparedImage, max_keypoints: int, with_descriptors: bool) -> Keypoints:
         with autocast_for(self.device, self.precision):
             result = self.model.detectAndCompute(image.tensor, top_k=max_keypoints)[0]
         # kornia reports integer pixel i of its /32-resized image at i * ratio; the pixel centre is at
         # (i + 0.5) * ratio - 0.5 (identical when the size is already a multiple of 32).
-        width, height = image.size
-        ratio = torch.tensor([width / max(32, width // 32 * 32), height / max(32, height // 32 * 32)],
-                             device=self.device)
+        _, ratio = self._resized(image.size)
         xy = result["keypoints"].float() + 0.5 * (ratio - 1.0)
         return Keypoints(xy=xy, scores=result["scores"].float(),
                          descriptors=result["descriptors"].float() if with_descriptors else None)
@@ -181,9 +187,7 @@ class XFeatNetwork:
         interpolation (so its LighterGlue sees descriptors as it was trained on them)."""
         if len(xy) == 0:
             return torch.zeros((0, self.descriptor_dim), device=self.device)
-        width, height = size
-        resized = (max(32, width // 32 * 32), max(32, height // 32 * 32))
-        ratio = torch.tensor([width / resized[0], height / resized[1]], device=xy.device)
+        resized, ratio = self._resized(size)
         xy_resized = (xy.float() + 0.5) / ratio - 0.5
         sampled = self.model.interpolator(dense, xy_resized[None], H=resized[1], W=resized[0])[0]
         return F.normalize(sampled.float(), dim=-1)
